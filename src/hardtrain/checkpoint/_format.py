@@ -1,0 +1,232 @@
+"""What a checkpoint folder holds, byte for byte: names, the manifest, checksums, tensors.
+
+    checkpoints/step-00001200/
+        rank-00000.safetensors    rank 0's tensors (safetensors format)
+        rank-00000.json           rank 0's JSON state
+        ...                       one pair per rank
+        MANIFEST.json             written last: every file, its size and XXH3-128 checksum
+
+The checksum is XXH3-128 of the whole file (what ``xxh128sum`` prints): it detects
+truncation, bit rot and torn writes at ~12 GB/s; it is not a defence against an attacker
+who can also rewrite the manifest.
+
+Only two file types are ever read: ``.safetensors`` (parsed here, never through pickle)
+and ``.json``. A manifest naming anything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+import xxhash
+
+MANIFEST = "MANIFEST.json"
+FORMAT = "hardtrain-checkpoint"
+FORMAT_VERSION = 1
+CHECKSUM = "xxh3_128"
+LOADABLE_SUFFIXES = (".safetensors", ".json")
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+TMP_MARKER = ".tmp-"
+
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+}
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def tensors_file(rank: int) -> str:
+    return f"rank-{rank:05d}.safetensors"
+
+
+def state_file(rank: int) -> str:
+    return f"rank-{rank:05d}.json"
+
+
+def checksum(data: Any) -> str:
+    """XXH3-128 of a buffer (bytes, memoryview, mmap), as hex."""
+    return str(xxhash.xxh3_128_hexdigest(data))
+
+
+def is_tmp_name(name: str) -> bool:
+    return name.startswith(".") and TMP_MARKER in name
+
+
+def looks_like_pickle(name: str, head: bytes) -> bool:
+    # Protocol 2+ pickles start with 0x80; torch.save zip archives with "PK".
+    return name.endswith(PICKLE_SUFFIXES) or head[:1] == b"\x80" or head[:2] == b"PK"
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, unreadable or malformed; the message says which."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    num_bytes: int
+    checksum: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    world_size: int
+    created: datetime
+    files: dict[str, FileEntry]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(f.num_bytes for f in self.files.values())
+
+
+def encode_manifest(step: int, world_size: int, files: list[FileEntry]) -> bytes:
+    body: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "step": step,
+        "world_size": world_size,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "checksum_algorithm": CHECKSUM,
+        "files": {
+            f.name: {"bytes": f.num_bytes, CHECKSUM: f.checksum, "rank": f.rank}
+            for f in sorted(files, key=lambda f: f.name)
+        },
+    }
+    body["manifest_checksum"] = checksum(_canonical(body))
+    return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+
+
+def decode_manifest(data: bytes, expected_step: int) -> Manifest:
+    """Parse and check a manifest; ManifestError says what is wrong with it."""
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"garbled, not JSON ({e})") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise ManifestError(f"not a {FORMAT} manifest")
+    if body.get("version") != FORMAT_VERSION:
+        raise ManifestError(
+            f"format version {body.get('version')!r}; this hardtrain reads {FORMAT_VERSION}"
+        )
+    claimed = body.pop("manifest_checksum", None)
+    if claimed != checksum(_canonical(body)):
+        raise ManifestError("its own checksum does not match (edited or corrupted)")
+    try:
+        step = int(body["step"])
+        world_size = int(body["world_size"])
+        created = datetime.fromisoformat(body["created"])
+        files = {
+            name: FileEntry(name, int(e["bytes"]), str(e[CHECKSUM]), int(e["rank"]))
+            for name, e in body["files"].items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ManifestError(f"malformed ({type(e).__name__}: {e})") from None
+    if step != expected_step:
+        raise ManifestError(f"says step {step} but lies in {step_dir_name(expected_step)}")
+    for name in files:
+        if not _SAFE_NAME.match(name) or ".." in name:
+            raise ManifestError(f"names {name!r}, which is not a plain file name")
+        if not name.endswith(LOADABLE_SUFFIXES):
+            raise ManifestError(
+                f"names {name!r}; hardtrain loads only .safetensors and .json, never pickle"
+            )
+    return Manifest(step, world_size, created, files)
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def parse_safetensors(buf: memoryview) -> tuple[dict[str, TensorSpec], int]:
+    """The tensors a safetensors buffer holds, and where its data starts.
+
+    Checks what the safetensors library checks: header size and JSON, known dtypes,
+    byte ranges that match the shapes and tile the data section exactly.
+    """
+    if len(buf) < 8:
+        raise ValueError(f"{len(buf)} bytes, shorter than a safetensors header")
+    (header_len,) = struct.unpack("<Q", buf[:8])
+    if header_len > _MAX_HEADER_BYTES or 8 + header_len > len(buf):
+        raise ValueError(f"header length {header_len} does not fit in {len(buf)} bytes")
+    try:
+        header = json.loads(bytes(buf[8 : 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    specs: dict[str, TensorSpec] = {}
+    for name, info in header.items():
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"tensor {name!r}: bad header entry ({e!r})") from None
+        if end - start != math.prod(shape) * dtype.itemsize or start < 0:
+            raise ValueError(f"tensor {name!r}: byte range {start}..{end} does not fit {shape}")
+        specs[name] = TensorSpec(dtype, shape, start, end)
+    covered = 0
+    for spec in sorted(specs.values(), key=lambda s: (s.start, s.end)):
+        if spec.start != covered:
+            raise ValueError(f"data section has a gap or overlap at byte {covered}")
+        covered = spec.end
+    if data_start + covered != len(buf):
+        raise ValueError(f"data section is {len(buf) - data_start} bytes, header says {covered}")
+    return specs, data_start
+
+
+def tensor_view(data: torch.Tensor, spec: TensorSpec, data_start: int) -> torch.Tensor:
+    """A tensor over ``data`` (a uint8 tensor of the whole file) without copying, where the
+    alignment allows; a copy otherwise."""
+    raw = data[data_start + spec.start : data_start + spec.end]
+    if raw.numel() == 0:
+        return torch.empty(spec.shape, dtype=spec.dtype)
+    try:
+        return raw.view(spec.dtype).view(spec.shape)
+    except RuntimeError:  # misaligned for this dtype
+        return raw.clone().view(spec.dtype).view(spec.shape)

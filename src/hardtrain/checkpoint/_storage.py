@@ -1,0 +1,228 @@
+"""Where checkpoint bytes go: a local filesystem (atomic, fsynced) or any fsspec store.
+
+Local: every file is written under a temporary name in its own folder (never across
+filesystems), fsynced, renamed into place; the folder is fsynced after. Object stores
+(s3://, gs://, memory://): each object is one PUT, data objects first, the manifest last.
+Any error aborts: no retry, nothing half-committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import fsspec
+import safetensors.torch
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from hardtrain.checkpoint._format import TMP_MARKER, checksum
+
+
+class Storage(Protocol):
+    """The seam between the store and the bytes. Paths are "/"-joined below the root."""
+
+    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, str]:
+        """Durably write a safetensors file; return its size and checksum."""
+
+    def write_bytes(self, path: str, data: bytes) -> tuple[int, str]:
+        """Durably write a small file; return its size and checksum."""
+
+    def read(self, path: str) -> contextlib.AbstractContextManager[memoryview]:
+        """The file's bytes, readable while the context is open."""
+
+    def size(self, path: str) -> int | None:
+        """The file's size in bytes, or None when it does not exist."""
+
+    def listdir(self, path: str) -> list[str] | None:
+        """The names in a folder, or None when it does not exist."""
+
+    def makedirs(self, path: str) -> None: ...
+
+    def sync_dir(self, path: str) -> None:
+        """Make the folder's entries durable (a no-op on object stores)."""
+
+    def remove(self, path: str) -> None: ...
+
+    def rmdir(self, path: str) -> None:
+        """Remove an empty folder; leave it where it is not empty."""
+
+
+def open_storage(root: str, storage_options: Mapping[str, Any] | None = None) -> Storage:
+    fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):
+        return LocalStorage(path)
+    return FsspecStorage(fs, path)
+
+
+def _tmp_path(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+class LocalStorage:
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def _abs(self, path: str) -> str:
+        return os.path.join(self.root, path) if path else self.root
+
+    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, str]:
+        final = self._abs(path)
+        tmp = _tmp_path(final)
+        try:
+            # safetensors (>= 0.6) writes straight from the tensors' memory: no extra copy.
+            safetensors.torch.save_file(dict(tensors), tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                # Hash what landed in the file, not what we meant to write.
+                with _mapped(fd) as view:
+                    result = len(view), checksum(view)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return result
+
+    def write_bytes(self, path: str, data: bytes) -> tuple[int, str]:
+        final = self._abs(path)
+        tmp = _tmp_path(final)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return len(data), checksum(data)
+
+    @contextlib.contextmanager
+    def read(self, path: str) -> Iterator[memoryview]:
+        fd = os.open(self._abs(path), os.O_RDONLY)
+        try:
+            with _mapped(fd) as view:
+                yield view
+        finally:
+            os.close(fd)
+
+    def size(self, path: str) -> int | None:
+        try:
+            return os.stat(self._abs(path)).st_size
+        except FileNotFoundError:
+            return None
+
+    def listdir(self, path: str) -> list[str] | None:
+        try:
+            return os.listdir(self._abs(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def makedirs(self, path: str) -> None:
+        target = self._abs(path)
+        missing = []
+        while not os.path.isdir(target):
+            missing.append(target)
+            target = os.path.dirname(target)
+        os.makedirs(self._abs(path), exist_ok=True)
+        for folder in reversed(missing):  # each new entry durable in its parent
+            self.sync_dir(os.path.dirname(folder))
+
+    def sync_dir(self, path: str) -> None:
+        fd = os.open(self._abs(path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove(self, path: str) -> None:
+        os.unlink(self._abs(path))
+
+    def rmdir(self, path: str) -> None:
+        with contextlib.suppress(OSError):
+            os.rmdir(self._abs(path))
+
+
+@contextlib.contextmanager
+def _mapped(fd: int) -> Iterator[memoryview]:
+    """The file behind ``fd`` as a writable private (copy-on-write) mapping: reading it
+    copies nothing, and torch can wrap it without a read-only warning."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        yield memoryview(b"")
+        return
+    mapping = mmap.mmap(
+        fd, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+    )
+    view = memoryview(mapping)
+    try:
+        yield view
+    finally:
+        view.release()
+        with contextlib.suppress(BufferError):  # a caller still holds a view: GC closes it
+            mapping.close()
+
+
+class FsspecStorage:
+    def __init__(self, fs: Any, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+
+    def _abs(self, path: str) -> str:
+        return f"{self.root}/{path}" if path else self.root
+
+    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, str]:
+        return self.write_bytes(path, safetensors.torch.save(dict(tensors)))
+
+    def write_bytes(self, path: str, data: bytes) -> tuple[int, str]:
+        self.fs.pipe_file(self._abs(path), data)
+        return len(data), checksum(data)
+
+    @contextlib.contextmanager
+    def read(self, path: str) -> Iterator[memoryview]:
+        data = bytearray(self.fs.cat_file(self._abs(path)))  # writable: torch wraps it
+        yield memoryview(data)
+
+    def size(self, path: str) -> int | None:
+        try:
+            return int(self.fs.info(self._abs(path))["size"])
+        except FileNotFoundError:
+            return None
+
+    def listdir(self, path: str) -> list[str] | None:
+        target = self._abs(path)
+        self.fs.invalidate_cache(target)
+        try:
+            entries = self.fs.ls(target, detail=False)
+        except FileNotFoundError:
+            return None
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return [n for n in names if n] if names or self.fs.isdir(target) else None
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(self._abs(path), exist_ok=True)
+
+    def sync_dir(self, path: str) -> None:
+        pass
+
+    def remove(self, path: str) -> None:
+        self.fs.rm_file(self._abs(path))
+
+    def rmdir(self, path: str) -> None:
+        with contextlib.suppress(OSError, NotImplementedError):
+            self.fs.rmdir(self._abs(path))

@@ -1,0 +1,692 @@
+"""CheckpointStore: crash-safe, verified checkpoints in a local folder or any fsspec store."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import torch
+
+from hardtrain import _dist
+from hardtrain.checkpoint._format import (
+    DTYPES,
+    MANIFEST,
+    FileEntry,
+    Manifest,
+    ManifestError,
+    checksum,
+    decode_manifest,
+    encode_manifest,
+    is_tmp_name,
+    looks_like_pickle,
+    parse_safetensors,
+    parse_step_dir,
+    state_file,
+    step_dir_name,
+    tensor_view,
+    tensors_file,
+)
+from hardtrain.checkpoint._staging import StagedTensors, StagingBuffer
+from hardtrain.checkpoint._storage import Storage, open_storage
+from hardtrain.errors import (
+    CHECKPOINT_RUNBOOK,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointWriteError,
+    NoCheckpointError,
+)
+from hardtrain.telemetry import EventLog, EventSink
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINTS = "checkpoints"
+_SAVABLE_DTYPES = frozenset(DTYPES.values())
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """A committed checkpoint failed verification and an older one is used instead."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint folder, as its manifest describes it (nothing read beyond that)."""
+
+    step: int
+    path: str
+    committed: bool
+    created: datetime | None = None
+    num_bytes: int | None = None
+    world_size: int | None = None
+    problem: str | None = None  # why the manifest could not be read, if it could not
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    file: str
+    reason: str  # missing | wrong size | wrong checksum | unreadable | not committed | manifest
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.reason} ({self.detail})"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Every file of one checkpoint checked against its manifest."""
+
+    step: int
+    path: str
+    problems: tuple[FileProblem, ...]
+    ignored: tuple[str, ...] = ()  # files in the folder the manifest does not name
+    num_files: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        folder = step_dir_name(self.step)
+        if self.ok:
+            return f"{folder}: ok, {self.num_files} files verified"
+        return f"{folder}: " + "; ".join(str(p) for p in self.problems)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    step: int
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    path: str = field(default="")
+
+
+@dataclass
+class _Job:
+    step: int
+    staged: StagedTensors | None
+    state_json: bytes
+    local_error: str | None  # the foreground failed: this rank only votes "no"
+    blocking_s: float
+
+
+class CheckpointStore:
+    """Crash-safe checkpoints under ``root`` (a local path or an fsspec URL).
+
+    ``save``/``save_async`` write ``checkpoints/step-<8 digits>/`` and commit it by writing
+    ``MANIFEST.json`` last; ``load`` verifies sizes and checksums and falls back to the
+    previous checkpoint when the newest is damaged.
+
+    With torch.distributed initialised, ``save``, ``save_async``, ``wait`` and ``load`` are
+    collective: every rank must call them in the same order. Every rank writes its own
+    files into the shared step folder; rank 0 commits once every rank reported success.
+    ``root`` must then be storage that every rank sees (a shared filesystem or a bucket).
+
+    keep_last: number of committed checkpoints to keep (>= 1), or None to keep all.
+    events: where events go; by default ``<root>/events.jsonl`` for a local root, and
+        the log only for a remote one.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        events: EventSink | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            raise ValueError(f"keep_last={keep_last!r}: must be an int >= 1, or None to keep all")
+        self.root = os.fspath(root)
+        self._storage: Storage = open_storage(self.root, storage_options)
+        self.keep_last = keep_last
+        if events is None:
+            local = "://" not in self.root or self.root.startswith("file://")
+            events = EventLog(os.path.join(self.root, "events.jsonl") if local else None)
+        self.events = events
+        self._staging = StagingBuffer()
+        self._rejected: dict[int, str] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: Future[CheckpointInfo] | None = None
+        self._inflight_raised = False  # its error already reached the caller
+        self._group: Any = None
+
+    # ----------------------------------------------------------------------------- save
+
+    def save(
+        self, step: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any] | None = None
+    ) -> CheckpointInfo:
+        """Write and commit a checkpoint; return once it is durable.
+
+        Collective when distributed. CPU tensors are written straight from their memory.
+        """
+        self.wait()
+        job = self._prepare(step, tensors, state, stage=any(t.is_cuda for t in tensors.values()))
+        return self._persist(job)
+
+    def save_async(
+        self, step: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any] | None = None
+    ) -> None:
+        """Copy ``tensors`` into reused CPU staging buffers, then write and commit in a
+        background thread. Returns once the copy is done: the caller may change the tensors.
+
+        Waits for the previous save first. A background failure is raised by the next call
+        on this store. Collective when distributed.
+        """
+        self.wait()
+        job = self._prepare(step, tensors, state, stage=True)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="hardtrain-checkpoint")
+        self._inflight = self._executor.submit(self._persist, job)
+        self._inflight_raised = job.local_error is not None
+        if job.local_error is not None:  # the other ranks still get this rank's "no" vote
+            raise CheckpointWriteError(f"step {step}: {job.local_error}; nothing was committed.")
+
+    def wait(self) -> CheckpointInfo | None:
+        """Block until the save in flight is committed; raise its error if it failed."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return None
+        try:
+            return inflight.result()
+        except BaseException:
+            if self._inflight_raised:
+                return None
+            raise
+
+    def close(self) -> None:
+        """Finish the save in flight and stop the background thread."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _prepare(
+        self,
+        step: int,
+        tensors: Mapping[str, torch.Tensor],
+        state: Mapping[str, Any] | None,
+        *,
+        stage: bool,
+    ) -> _Job:
+        """Validate and (when asked) stage. Distributed, a failure here becomes this rank's
+        "no" vote so that the other ranks do not wait for it forever."""
+        _, world_size = _dist.rank_and_world_size()
+        if world_size > 1 and self._group is None:
+            self._group = _dist.new_cpu_group()
+        started = time.perf_counter()
+        try:
+            _check_step(step)
+            if self._manifest_exists(step):
+                raise CheckpointError(
+                    f"{self._folder_path(step)} is already committed; saving step {step} again "
+                    "would replace a good checkpoint. Save a later step, or delete that folder "
+                    "by hand if you really mean to replace it."
+                )
+            _check_tensors(tensors)
+            state_json = _encode_state(state or {})
+            if stage:
+                staged = self._staging.stage(tensors)
+            else:
+                staged = StagedTensors({k: t.contiguous() for k, t in tensors.items()}, [])
+        except Exception as e:
+            if world_size == 1:
+                raise
+            return _Job(step, None, b"", f"{type(e).__name__}: {e}", 0.0)
+        return _Job(step, staged, state_json, None, time.perf_counter() - started)
+
+    def _persist(self, job: _Job) -> CheckpointInfo:
+        """Write this rank's files, vote, and (rank 0) commit. Runs in the background thread
+        for save_async."""
+        started = time.perf_counter()
+        rank, world_size = _dist.rank_and_world_size()
+        folder = f"{_CHECKPOINTS}/{step_dir_name(job.step)}"
+        report: dict[str, Any] = {"error": job.local_error, "files": []}
+        if job.staged is not None:
+            try:
+                job.staged.ready()
+                self._storage.makedirs(folder)
+                for name, write in (
+                    (tensors_file(rank), lambda p: self._storage.write_tensors(p, job.staged.tensors)),  # type: ignore[union-attr]
+                    (state_file(rank), lambda p: self._storage.write_bytes(p, job.state_json)),
+                ):
+                    num_bytes, digest = write(f"{folder}/{name}")
+                    report["files"].append([name, num_bytes, digest])
+                self._storage.sync_dir(folder)
+            except Exception as e:
+                report["error"] = f"{type(e).__name__}: {e}"
+        reports = self._gather(report)
+        failed = {r: rep["error"] for r, rep in enumerate(reports) if rep["error"] is not None}
+        if failed:
+            raise CheckpointWriteError(
+                f"{self._folder_path(job.step)}: write failed on rank(s) "
+                + ", ".join(f"{r} ({err})" for r, err in failed.items())
+                + "; nothing was committed and earlier checkpoints are untouched."
+            )
+        commit_error = None
+        if rank == 0:
+            commit_error = self._commit(job.step, world_size, reports)
+        commit_error = self._gather(commit_error)[0]
+        if commit_error is not None:
+            raise CheckpointWriteError(
+                f"{self._folder_path(job.step)}: writing the manifest failed ({commit_error}); "
+                "the checkpoint is not committed and earlier checkpoints are untouched."
+            )
+        num_bytes = sum(n for rep in reports for _, n, _ in rep["files"])
+        persist_s = time.perf_counter() - started
+        self.events.record(
+            "checkpoint_saved", step=job.step, bytes=num_bytes,
+            blocking_s=round(job.blocking_s, 6), persist_s=round(persist_s, 6),
+        )
+        return CheckpointInfo(
+            job.step, self._folder_path(job.step), True, num_bytes=num_bytes, world_size=world_size
+        )
+
+    def _commit(self, step: int, world_size: int, reports: list[dict[str, Any]]) -> str | None:
+        folder = f"{_CHECKPOINTS}/{step_dir_name(step)}"
+        files = [
+            FileEntry(name, num_bytes, digest, rank)
+            for rank, rep in enumerate(reports)
+            for name, num_bytes, digest in rep["files"]
+        ]
+        try:
+            self._storage.write_bytes(f"{folder}/{MANIFEST}", encode_manifest(step, world_size, files))
+            self._storage.sync_dir(folder)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        try:
+            self._remove_stale(folder, keep_named=True)
+            self._prune(step)
+        except Exception as e:  # retention is housekeeping: never fail a committed save
+            self.events.record("checkpoint_prune_failed", level=logging.WARNING, error=str(e))
+        return None
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if self._group is None or not _dist.is_distributed():
+            return [obj]
+        return _dist.all_gather_json(obj, self._group)
+
+    # ------------------------------------------------------------------------ retention
+
+    def _prune(self, newest: int) -> None:
+        """Delete old checkpoints beyond ``keep_last``, after ``newest`` was committed.
+
+        Never touches ``newest`` or anything newer; known-bad checkpoints do not count
+        towards ``keep_last``. A folder is uncommitted (manifest removed) before its files
+        go, so a crash mid-prune leaves nothing that loads half.
+        """
+        older = [s for s in self._steps() if s < newest]
+        if self.keep_last is None:
+            keep: set[int] = set()
+            prunable = [s for s in older if not self._manifest_exists(s)]
+        else:
+            good = [s for s in older if s not in self._rejected and self._manifest_exists(s)]
+            keep = set(good[len(good) - (self.keep_last - 1) :] if self.keep_last > 1 else [])
+            prunable = [s for s in older if s not in keep]
+        for step in prunable:
+            folder = f"{_CHECKPOINTS}/{step_dir_name(step)}"
+            if self._manifest_exists(step):
+                self._storage.remove(f"{folder}/{MANIFEST}")
+                self._storage.sync_dir(folder)
+                self.events.record("checkpoint_pruned", step=step)
+            self._remove_stale(folder, keep_named=False)
+            self._storage.rmdir(folder)
+
+    def _remove_stale(self, folder: str, *, keep_named: bool) -> None:
+        """Remove the store's own temporary files in ``folder`` and, unless ``keep_named``,
+        its own rank files too. Anything else is left where it is."""
+        for name in self._storage.listdir(folder) or []:
+            ours = name.startswith("rank-") and name.endswith((".safetensors", ".json"))
+            if is_tmp_name(name) or (ours and not keep_named):
+                with contextlib.suppress(FileNotFoundError):
+                    self._storage.remove(f"{folder}/{name}")
+
+    # ---------------------------------------------------------------------- inspection
+
+    def list(self, *, include_uncommitted: bool = False) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first, as their manifests describe them."""
+        self._raise_failed()
+        infos = []
+        for step in self._steps():
+            path = self._folder_path(step)
+            try:
+                manifest = self._read_manifest(step)
+            except FileNotFoundError:
+                if include_uncommitted:
+                    infos.append(CheckpointInfo(step, path, committed=False))
+                continue
+            except ManifestError as e:
+                infos.append(CheckpointInfo(step, path, True, problem=f"{MANIFEST} {e}"))
+                continue
+            infos.append(
+                CheckpointInfo(
+                    step, path, True, manifest.created, manifest.num_bytes, manifest.world_size
+                )
+            )
+        return infos
+
+    def verify(self, step: int) -> VerifyReport:
+        """Check every file of ``step`` (all ranks) against its manifest."""
+        self._raise_failed()
+        problems: list[FileProblem] = []
+        num_files = 0
+        try:
+            manifest = self._read_manifest(step)
+        except FileNotFoundError:
+            problems.append(FileProblem(MANIFEST, "not committed", "no manifest in the folder"))
+        except ManifestError as e:
+            problems.append(FileProblem(MANIFEST, "manifest", str(e)))
+        else:
+            problems += _completeness(manifest)
+            for entry in manifest.files.values():
+                num_files += 1
+                problem = self._check_file(step, entry)
+                if problem is not None:
+                    problems.append(problem)
+        return VerifyReport(
+            step, self._folder_path(step), tuple(problems), self._ignored(step), num_files
+        )
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint whose every file verifies, or None.
+
+        Damaged ones on the way are rejected for the rest of this run, with a warning.
+        """
+        for info in reversed(self.list()):
+            if info.step in self._rejected:
+                continue
+            report = self.verify(info.step)
+            if report.ok:
+                return info
+            self._reject(info.step, report.problems)
+        return None
+
+    # ----------------------------------------------------------------------------- load
+
+    def load(
+        self,
+        step: int | None = None,
+        *,
+        out: Mapping[str, torch.Tensor] | None = None,
+        rank: int | None = None,
+    ) -> LoadedCheckpoint:
+        """Load this rank's tensors and state, verified.
+
+        step: None loads the newest checkpoint that verifies on every rank, falling back
+            past damaged ones (each rejected with a warning and an event); a number loads
+            that step or raises CheckpointCorruptError.
+        out: tensors to fill in place (same names, shapes and dtypes as saved). The file is
+            verified before any of them is touched.
+        rank: read another rank's files from a single process (inspection); not collective.
+
+        Collective when distributed and ``rank`` is None.
+        """
+        self.wait()
+        own_rank, world_size = _dist.rank_and_world_size()
+        collective = world_size > 1 and rank is None
+        if collective and self._group is None:
+            self._group = _dist.new_cpu_group()
+        if step is None:
+            candidates = [i.step for i in reversed(self.list()) if i.step not in self._rejected]
+        else:
+            _check_step(step)
+            candidates = [step]
+        if collective:
+            candidates = self._gather(candidates)[0]  # rank 0's view, the same on every rank
+        for candidate in candidates:
+            loaded, problems, mismatch = self._load_one(
+                candidate, own_rank if rank is None else rank, None if rank is not None else world_size, out
+            )
+            outcomes = self._gather([mismatch, [str(p) for p in problems]]) if collective else [
+                [mismatch, [str(p) for p in problems]]
+            ]
+            mismatches = [f"rank {r}: {m}" for r, (m, _) in enumerate(outcomes) if m]
+            if mismatches:
+                raise CheckpointMismatchError(
+                    f"{self._folder_path(candidate)} does not fit: " + "; ".join(mismatches)
+                )
+            all_problems = [f"rank {r}: {p}" for r, (_, ps) in enumerate(outcomes) for p in ps]
+            if not all_problems and loaded is not None:
+                self.events.record("checkpoint_loaded", step=candidate)
+                return loaded
+            if step is not None:
+                raise CheckpointCorruptError(
+                    f"{self._folder_path(candidate)} failed verification: "
+                    + "; ".join(all_problems)
+                    + ". Load another step, or call load() to fall back to the newest good one."
+                )
+            self._reject(candidate, problems or all_problems)
+        rejected = ", ".join(f"{step_dir_name(s)} ({r})" for s, r in sorted(self._rejected.items()))
+        raise NoCheckpointError(
+            f"no committed checkpoint under {self.root}/{_CHECKPOINTS} verifies"
+            + (f"; rejected: {rejected}" if rejected else " (there is none)")
+            + ". Start from scratch, or restore a checkpoint from a backup."
+        )
+
+    def _load_one(
+        self,
+        step: int,
+        rank: int,
+        world_size: int | None,
+        out: Mapping[str, torch.Tensor] | None,
+    ) -> tuple[LoadedCheckpoint | None, list[FileProblem], str | None]:
+        """(loaded, problems, mismatch) for one rank's files of one step."""
+        try:
+            manifest = self._read_manifest(step)
+        except FileNotFoundError:
+            return None, [FileProblem(MANIFEST, "not committed", "no manifest")], None
+        except ManifestError as e:
+            return None, [FileProblem(MANIFEST, "manifest", str(e))], None
+        if world_size is not None and manifest.world_size != world_size:
+            return None, [], (
+                f"written by {manifest.world_size} rank(s), this job has {world_size}; resume "
+                "with the same world size (or pass rank= to read one rank's files)"
+            )
+        problems = _completeness(manifest)
+        tensor_entry = manifest.files.get(tensors_file(rank))
+        state_entry = manifest.files.get(state_file(rank))
+        if problems or tensor_entry is None or state_entry is None:
+            return None, problems or [
+                FileProblem(tensors_file(rank), "missing", f"the manifest has no rank {rank}")
+            ], None
+        tensors: dict[str, torch.Tensor] = {}
+        state: dict[str, Any] = {}
+        mismatch: list[str] = []
+
+        def read_state(view: memoryview) -> None:
+            value = json.loads(bytes(view))
+            if not isinstance(value, dict):
+                raise ValueError("state is not a JSON object")
+            state.update(value)
+
+        def read_tensors(view: memoryview) -> None:
+            specs, data_start = parse_safetensors(view)
+            if out is not None:
+                mismatch.extend(_describe_mismatch(specs, out))
+                if mismatch:
+                    return
+            data = torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0)
+            with torch.no_grad():
+                for name, spec in specs.items():
+                    source = tensor_view(data, spec, data_start)
+                    tensors[name] = out[name].copy_(source) if out else source.clone()
+
+        for entry, reader in ((state_entry, read_state), (tensor_entry, read_tensors)):
+            problem = self._check_file(step, entry, reader)
+            if problem is not None:
+                return None, [problem], None
+            if mismatch:
+                return None, [], "; ".join(mismatch)
+        return LoadedCheckpoint(step, tensors, state, self._folder_path(step)), [], None
+
+    # ---------------------------------------------------------------------------- parts
+
+    def _check_file(
+        self, step: int, entry: FileEntry, consume: Callable[[memoryview], None] | None = None
+    ) -> FileProblem | None:
+        """Check one file's size and checksum; then hand the verified bytes to ``consume``."""
+        path = f"{_CHECKPOINTS}/{step_dir_name(step)}/{entry.name}"
+        try:
+            size = self._storage.size(path)
+            if size is None:
+                return FileProblem(entry.name, "missing", "the manifest names it")
+            if size != entry.num_bytes:
+                hint = " (truncated?)" if size < entry.num_bytes else ""
+                return FileProblem(
+                    entry.name, "wrong size",
+                    f"{size} bytes, manifest says {entry.num_bytes}{hint}",
+                )
+            with self._storage.read(path) as view:
+                actual = checksum(view)
+                if actual != entry.checksum:
+                    return FileProblem(
+                        entry.name, "wrong checksum",
+                        f"xxh3_128 {actual}, manifest says {entry.checksum}",
+                    )
+                if consume is not None:
+                    consume(view)
+        except (OSError, ValueError) as e:
+            return FileProblem(entry.name, "unreadable", f"{type(e).__name__}: {e}")
+        return None
+
+    def _reject(self, step: int, problems: Any) -> None:
+        reasons = [str(p) for p in problems]
+        first = problems[0] if problems else None
+        self._rejected[step] = "; ".join(reasons)
+        message = (
+            f"{self._folder_path(step)}: {self._rejected[step]}; ignoring it and falling back "
+            f"to the previous checkpoint. See {CHECKPOINT_RUNBOOK}"
+        )
+        warnings.warn(message, CheckpointFallbackWarning, stacklevel=3)
+        self.events.record(
+            "checkpoint_rejected", level=logging.WARNING, step=step,
+            file=getattr(first, "file", None), reason=self._rejected[step],
+        )
+
+    def _read_manifest(self, step: int) -> Manifest:
+        path = f"{_CHECKPOINTS}/{step_dir_name(step)}/{MANIFEST}"
+        if self._storage.size(path) is None:
+            raise FileNotFoundError(path)
+        try:
+            with self._storage.read(path) as view:
+                data = bytes(view)
+        except OSError as e:
+            raise ManifestError(f"unreadable ({type(e).__name__}: {e})") from None
+        return decode_manifest(data, step)
+
+    def _manifest_exists(self, step: int) -> bool:
+        return self._storage.size(f"{_CHECKPOINTS}/{step_dir_name(step)}/{MANIFEST}") is not None
+
+    def _steps(self) -> list[int]:
+        names = self._storage.listdir(_CHECKPOINTS) or []
+        return sorted(s for s in map(parse_step_dir, names) if s is not None)
+
+    def _ignored(self, step: int) -> tuple[str, ...]:
+        """Files in the folder that the manifest does not name: never loaded. A pickle
+        among them is named as such, and it is never opened beyond its first bytes."""
+        folder = f"{_CHECKPOINTS}/{step_dir_name(step)}"
+        try:
+            named = set(self._read_manifest(step).files) | {MANIFEST}
+        except (FileNotFoundError, ManifestError):
+            named = {MANIFEST}
+        ignored = []
+        for name in sorted(self._storage.listdir(folder) or []):
+            if name in named or is_tmp_name(name):
+                continue
+            with contextlib.suppress(OSError), self._storage.read(f"{folder}/{name}") as view:
+                if looks_like_pickle(name, bytes(view[:2])):
+                    name += " (pickle: never loaded)"
+            ignored.append(name)
+        return tuple(ignored)
+
+    def _folder_path(self, step: int) -> str:
+        return f"{self.root.rstrip('/')}/{_CHECKPOINTS}/{step_dir_name(step)}"
+
+    def _raise_failed(self) -> None:
+        """Raise the error of a background save that already failed (never swallowed)."""
+        if self._inflight is not None and self._inflight.done():
+            self.wait()
+
+
+def _check_step(step: Any) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step={step!r}: must be an int >= 0")
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor name {name!r}: names must be non-empty strings")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
+        if t.layout != torch.strided:
+            raise TypeError(f"tensors[{name!r}] is {t.layout}; save a dense tensor (.to_dense())")
+        if t.dtype not in _SAVABLE_DTYPES:
+            raise TypeError(f"tensors[{name!r}] has dtype {t.dtype}, which safetensors cannot hold")
+
+
+def _encode_state(state: Mapping[str, Any]) -> bytes:
+    """JSON of ``state``, refusing anything that would not load back equal (tuples, non-str
+    keys, objects): exact resume needs exact state."""
+    def check(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"{path} has key {key!r}; JSON state needs str keys")
+                check(item, f"{path}[{key!r}]")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                check(item, f"{path}[{i}]")
+        elif not (value is None or isinstance(value, (str, int, float, bool))):
+            raise TypeError(
+                f"{path} is a {type(value).__name__}; state holds only dict, list, str, int, "
+                "float, bool and None (put tensors in `tensors`, make tuples lists)"
+            )
+    check(dict(state), "state")
+    return json.dumps(state, sort_keys=True).encode()
+
+
+def _completeness(manifest: Manifest) -> list[FileProblem]:
+    """Every rank of the manifest's world must have both of its files listed."""
+    listed = set(manifest.files)
+    return [
+        FileProblem(name, "missing", f"the manifest lists no file for rank {rank}")
+        for rank in range(manifest.world_size)
+        for name in (tensors_file(rank), state_file(rank))
+        if name not in listed
+    ]
+
+
+def _describe_mismatch(specs: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> list[str]:
+    missing = sorted(set(out) - set(specs))
+    unexpected = sorted(set(specs) - set(out))
+    problems = []
+    if missing:
+        problems.append(f"missing in checkpoint: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"not in out=: {', '.join(unexpected)}")
+    for name in sorted(set(specs) & set(out)):
+        spec, target = specs[name], out[name]
+        if tuple(target.shape) != spec.shape or target.dtype != spec.dtype:
+            problems.append(
+                f"{name}: checkpoint has {spec.dtype} {list(spec.shape)}, "
+                f"out= has {target.dtype} {list(target.shape)}"
+            )
+    return problems
+

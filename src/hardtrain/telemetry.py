@@ -1,0 +1,50 @@
+"""Events: one JSON line per incident or checkpoint in ``events.jsonl``, and one log line.
+
+An event is named in the past tense (``checkpoint_saved``, ``checkpoint_rejected``) and
+carries its figures as fields. Every event also goes to the ``hardtrain`` logger as one
+``key=value`` line with the rank, and is kept in ``EventLog.records`` for the process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Protocol
+
+from hardtrain._dist import rank_and_world_size
+
+logger = logging.getLogger(__name__)
+
+
+class EventSink(Protocol):
+    def record(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+        """Record one event with its figures."""
+
+
+class EventLog:
+    """Appends events to ``path`` (a local JSONL file; ``None`` keeps them in memory only).
+
+    The file is opened per event in append mode, so several ranks may share it and a crash
+    loses at most the line being written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.records: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def record(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+        rank = rank_and_world_size()[0]
+        entry = {"time": time.time(), "event": event, "rank": rank, **fields}
+        line = json.dumps(entry, default=str)
+        with self._lock:
+            self.records.append(entry)
+            if self.path is not None:
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+        summary = " ".join(f"{k}={v}" for k, v in fields.items())
+        logger.log(level, "event=%s rank=%d %s", event, rank, summary)
