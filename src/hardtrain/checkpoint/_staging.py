@@ -50,7 +50,7 @@ class StagingBuffer:
                 self._views[name].copy_(t.detach(), non_blocking=t.device.type == "cuda")
         events = []
         for device in on_gpu:
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(torch.cuda.current_stream(device))
             events.append(event)
         return StagedTensors(dict(self._views), events)

@@ -199,8 +199,10 @@ class FsspecStorage:
         yield memoryview(data)
 
     def size(self, path: str) -> int | None:
+        target = self._abs(path)
+        self.fs.invalidate_cache(target)  # another rank or process may have changed it
         try:
-            return int(self.fs.info(self._abs(path))["size"])
+            return int(self.fs.info(target)["size"])
         except FileNotFoundError:
             return None
 

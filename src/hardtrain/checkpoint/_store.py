@@ -50,6 +50,7 @@ from hardtrain.telemetry import EventLog, EventSink
 logger = logging.getLogger(__name__)
 
 _CHECKPOINTS = "checkpoints"
+_Steps = list[int]  # aliases: inside the class, `list` is the method
 _SAVABLE_DTYPES = frozenset(DTYPES.values())
 
 
@@ -107,6 +108,10 @@ class LoadedCheckpoint:
     tensors: dict[str, torch.Tensor]
     state: dict[str, Any]
     path: str = field(default="")
+
+
+_Problems = list[FileProblem]
+_Strings = list[str]
 
 
 @dataclass
@@ -262,12 +267,12 @@ class CheckpointStore:
             try:
                 job.staged.ready()
                 self._storage.makedirs(folder)
-                for name, write in (
-                    (tensors_file(rank), lambda p: self._storage.write_tensors(p, job.staged.tensors)),  # type: ignore[union-attr]
-                    (state_file(rank), lambda p: self._storage.write_bytes(p, job.state_json)),
-                ):
-                    num_bytes, digest = write(f"{folder}/{name}")
-                    report["files"].append([name, num_bytes, digest])
+                name = tensors_file(rank)
+                size, digest = self._storage.write_tensors(f"{folder}/{name}", job.staged.tensors)
+                report["files"].append([name, size, digest])
+                name = state_file(rank)
+                size, digest = self._storage.write_bytes(f"{folder}/{name}", job.state_json)
+                report["files"].append([name, size, digest])
                 self._storage.sync_dir(folder)
             except Exception as e:
                 report["error"] = f"{type(e).__name__}: {e}"
@@ -306,7 +311,8 @@ class CheckpointStore:
             for name, num_bytes, digest in rep["files"]
         ]
         try:
-            self._storage.write_bytes(f"{folder}/{MANIFEST}", encode_manifest(step, world_size, files))
+            manifest = encode_manifest(step, world_size, files)
+            self._storage.write_bytes(f"{folder}/{MANIFEST}", manifest)
             self._storage.sync_dir(folder)
         except Exception as e:
             return f"{type(e).__name__}: {e}"
@@ -384,7 +390,7 @@ class CheckpointStore:
     def verify(self, step: int) -> VerifyReport:
         """Check every file of ``step`` (all ranks) against its manifest."""
         self._raise_failed()
-        problems: list[FileProblem] = []
+        problems: _Problems = []
         num_files = 0
         try:
             manifest = self._read_manifest(step)
@@ -449,13 +455,11 @@ class CheckpointStore:
             candidates = [step]
         if collective:
             candidates = self._gather(candidates)[0]  # rank 0's view, the same on every rank
+        read_rank, expected_world = (own_rank, world_size) if rank is None else (rank, None)
         for candidate in candidates:
-            loaded, problems, mismatch = self._load_one(
-                candidate, own_rank if rank is None else rank, None if rank is not None else world_size, out
-            )
-            outcomes = self._gather([mismatch, [str(p) for p in problems]]) if collective else [
-                [mismatch, [str(p) for p in problems]]
-            ]
+            loaded, problems, mismatch = self._load_one(candidate, read_rank, expected_world, out)
+            outcome = [mismatch, [str(p) for p in problems]]
+            outcomes = self._gather(outcome) if collective else [outcome]
             mismatches = [f"rank {r}: {m}" for r, (m, _) in enumerate(outcomes) if m]
             if mismatches:
                 raise CheckpointMismatchError(
@@ -485,7 +489,7 @@ class CheckpointStore:
         rank: int,
         world_size: int | None,
         out: Mapping[str, torch.Tensor] | None,
-    ) -> tuple[LoadedCheckpoint | None, list[FileProblem], str | None]:
+    ) -> tuple[LoadedCheckpoint | None, _Problems, str | None]:
         """(loaded, problems, mismatch) for one rank's files of one step."""
         try:
             manifest = self._read_manifest(step)
@@ -507,7 +511,7 @@ class CheckpointStore:
             ], None
         tensors: dict[str, torch.Tensor] = {}
         state: dict[str, Any] = {}
-        mismatch: list[str] = []
+        mismatch: _Strings = []
 
         def read_state(view: memoryview) -> None:
             value = json.loads(bytes(view))
@@ -593,7 +597,7 @@ class CheckpointStore:
     def _manifest_exists(self, step: int) -> bool:
         return self._storage.size(f"{_CHECKPOINTS}/{step_dir_name(step)}/{MANIFEST}") is not None
 
-    def _steps(self) -> list[int]:
+    def _steps(self) -> _Steps:
         names = self._storage.listdir(_CHECKPOINTS) or []
         return sorted(s for s in map(parse_step_dir, names) if s is not None)
 

@@ -1,0 +1,123 @@
+"""The ``hardtrain`` command: inspect and verify checkpoints.
+
+    hardtrain ls RUN_DIR [--no-verify]
+    hardtrain verify RUN_DIR [--step N]
+
+RUN_DIR is a local path or an fsspec URL (s3://bucket/run). Exit codes: 0 all good,
+1 something failed verification, 2 bad usage or nothing to look at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
+from hardtrain.errors import CHECKPOINT_RUNBOOK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hardtrain", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    ls = commands.add_parser("ls", help="list checkpoints with their state")
+    ls.add_argument("run_dir")
+    ls.add_argument(
+        "--no-verify", action="store_true", help="read manifests only, skip the checksums"
+    )
+    verify = commands.add_parser("verify", help="check sizes and checksums of checkpoints")
+    verify.add_argument("run_dir")
+    verify.add_argument("--step", type=int, help="one step (default: every committed one)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "ls":
+            return _ls(args.run_dir, verify=not args.no_verify)
+        return _verify(args.run_dir, args.step)
+    except _UsageError as e:
+        print(f"hardtrain: {e}", file=sys.stderr)
+        return 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _open(run_dir: str) -> tuple[CheckpointStore, list[CheckpointInfo]]:
+    try:
+        store = CheckpointStore(run_dir, events=_Quiet())
+        infos = store.list(include_uncommitted=True)
+    except (ValueError, ImportError, OSError) as e:
+        raise _UsageError(f"cannot open {run_dir}: {e}") from None
+    if not infos:
+        raise _UsageError(f"{run_dir}: no checkpoints (is this a run directory?)")
+    return store, infos
+
+
+class _Quiet:
+    """The CLI only looks: it records no events in the run directory."""
+
+    def record(self, event: str, **fields: object) -> None:
+        pass
+
+
+def _ls(run_dir: str, *, verify: bool) -> int:
+    store, infos = _open(run_dir)
+    rows = [("STEP", "CREATED (UTC)", "SIZE", "STATE")]
+    bad = 0
+    for info in infos:
+        created = info.created.strftime("%Y-%m-%d %H:%M:%S") if info.created else "-"
+        size = _human(info.num_bytes) if info.num_bytes is not None else "-"
+        if not info.committed:
+            state = "uncommitted (ignored)"
+        elif info.problem:
+            state, bad = f"BAD: {info.problem}", bad + 1
+        elif verify:
+            report = store.verify(info.step)
+            state = "verified" if report.ok else "BAD: " + "; ".join(map(str, report.problems))
+            bad += not report.ok
+        else:
+            state = "committed"
+        rows.append((str(info.step), created, size, state))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[3])
+    if bad:
+        print(f"{bad} damaged checkpoint(s); see {CHECKPOINT_RUNBOOK}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _verify(run_dir: str, step: int | None) -> int:
+    store, infos = _open(run_dir)
+    steps = [step] if step is not None else [i.step for i in infos if i.committed]
+    if not steps:
+        raise _UsageError(f"{run_dir}: no committed checkpoint to verify")
+    bad = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s in steps:
+            report = store.verify(s)
+            print(f"{report.path}: {'ok' if report.ok else 'FAILED'}")
+            for problem in report.problems:
+                print(f"  {problem}")
+            for name in report.ignored:
+                print(f"  ignored, not in the manifest: {name}")
+            bad += not report.ok
+    if bad:
+        print(f"{bad} of {len(steps)} checkpoint(s) failed; see {CHECKPOINT_RUNBOOK}")
+        return 1
+    print(f"all {len(steps)} checkpoint(s) verified")
+    return 0
+
+
+def _human(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
