@@ -128,7 +128,8 @@ class CheckpointStore:
 
     ``save``/``save_async`` write ``checkpoints/step-<8 digits>/`` and commit it by writing
     ``MANIFEST.json`` last; ``load`` verifies sizes and checksums and falls back to the
-    previous checkpoint when the newest is damaged.
+    previous checkpoint when the newest is damaged. Every call first finishes the save in
+    flight and raises its error if it failed: a background failure is never swallowed.
 
     With torch.distributed initialised, ``save``, ``save_async``, ``wait`` and ``load`` are
     collective: every rank must call them in the same order. Every rank writes its own
@@ -174,7 +175,8 @@ class CheckpointStore:
         Collective when distributed. CPU tensors are written straight from their memory.
         """
         self.wait()
-        job = self._prepare(step, tensors, state, stage=any(t.is_cuda for t in tensors.values()))
+        on_gpu = any(getattr(t, "is_cuda", False) for t in tensors.values())
+        job = self._prepare(step, tensors, state, stage=on_gpu)
         return self._persist(job)
 
     def save_async(
@@ -367,7 +369,7 @@ class CheckpointStore:
 
     def list(self, *, include_uncommitted: bool = False) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first, as their manifests describe them."""
-        self._raise_failed()
+        self.wait()
         infos = []
         for step in self._steps():
             path = self._folder_path(step)
@@ -389,7 +391,7 @@ class CheckpointStore:
 
     def verify(self, step: int) -> VerifyReport:
         """Check every file of ``step`` (all ranks) against its manifest."""
-        self._raise_failed()
+        self.wait()
         problems: _Problems = []
         num_files = 0
         try:
@@ -531,8 +533,10 @@ class CheckpointStore:
                     source = tensor_view(data, spec, data_start)
                     tensors[name] = out[name].copy_(source) if out else source.clone()
 
-        for entry, reader in ((state_entry, read_state), (tensor_entry, read_tensors)):
-            problem = self._check_file(step, entry, reader)
+        readers = {state_entry.name: read_state, tensor_entry.name: read_tensors}
+        own = sorted((e for e in manifest.files.values() if e.rank == rank), key=lambda e: e.name)
+        for entry in own:  # every file of this rank is verified; the two known ones are read
+            problem = self._check_file(step, entry, readers.get(entry.name))
             if problem is not None:
                 return None, [problem], None
             if mismatch:
@@ -622,10 +626,6 @@ class CheckpointStore:
     def _folder_path(self, step: int) -> str:
         return f"{self.root.rstrip('/')}/{_CHECKPOINTS}/{step_dir_name(step)}"
 
-    def _raise_failed(self) -> None:
-        """Raise the error of a background save that already failed (never swallowed)."""
-        if self._inflight is not None and self._inflight.done():
-            self.wait()
 
 
 def _check_step(step: Any) -> None:
@@ -667,14 +667,21 @@ def _encode_state(state: Mapping[str, Any]) -> bytes:
 
 
 def _completeness(manifest: Manifest) -> list[FileProblem]:
-    """Every rank of the manifest's world must have both of its files listed."""
+    """Every rank of the manifest's world must have both of its files listed, and no file
+    may belong to a rank outside it."""
     listed = set(manifest.files)
-    return [
+    problems = [
         FileProblem(name, "missing", f"the manifest lists no file for rank {rank}")
         for rank in range(manifest.world_size)
         for name in (tensors_file(rank), state_file(rank))
         if name not in listed
     ]
+    problems += [
+        FileProblem(e.name, "manifest", f"rank {e.rank} outside world size {manifest.world_size}")
+        for e in manifest.files.values()
+        if not 0 <= e.rank < manifest.world_size
+    ]
+    return problems
 
 
 def _describe_mismatch(specs: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> list[str]:

@@ -1,0 +1,282 @@
+"""CheckpointStore on a local filesystem: round trips, async, retention, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import hardtrain as ht
+
+
+def sample_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(50, 16, generator=g),
+        "layer.0.bias": torch.randn(16, generator=g).to(torch.bfloat16),
+        "half": torch.randn(3, 5, generator=g).to(torch.float16),
+        "double": torch.randn(7, generator=g, dtype=torch.float64),
+        "counter": torch.tensor(seed, dtype=torch.int64),  # 0-dim
+        "empty": torch.empty(0, 4),
+        "mask": torch.rand(9, generator=g) > 0.5,
+        "bytes": torch.randint(0, 255, (13,), generator=g, dtype=torch.uint8),
+        "fp8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+        "u16": torch.randint(0, 60000, (5,), generator=g, dtype=torch.int32).to(torch.uint16),
+        "strided": torch.randn(6, 4, generator=g).t(),  # not contiguous
+    }
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        assert torch.equal(raw_bytes(a[name]), raw_bytes(b[name])), name
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns, so that NaN == NaN and -0.0 != 0.0: bit-exact, not numeric."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def folder(root: Path, step: int) -> Path:
+    return root / "checkpoints" / f"step-{step:08d}"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_round_trip_is_bit_exact(tmp_path: Path, mode: str) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    tensors = sample_tensors()
+    state = {"lr": 0.1, "nan_seen": float("nan"), "name": "x", "nested": {"a": [1, 2.5, None]}}
+    if mode == "sync":
+        info = store.save(12, tensors, state)
+        assert info.step == 12 and info.committed
+    else:
+        store.save_async(12, tensors, state)
+        store.wait()
+    loaded = store.load()
+    assert loaded.step == 12
+    assert_same(loaded.tensors, {k: v.contiguous() for k, v in tensors.items()})
+    assert json.dumps(loaded.state, sort_keys=True) == json.dumps(state, sort_keys=True)
+    store.close()
+
+
+def test_files_are_plain_safetensors_and_json(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    tensors = sample_tensors()
+    store.save(3, tensors, {"k": 1})
+    ckpt = folder(tmp_path, 3)
+    expected = ["MANIFEST.json", "rank-00000.json", "rank-00000.safetensors"]
+    assert sorted(os.listdir(ckpt)) == expected
+    by_library = safetensors.torch.load_file(ckpt / "rank-00000.safetensors")
+    assert_same(by_library, {k: v.contiguous() for k, v in tensors.items()})
+    manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+    assert manifest["step"] == 3 and manifest["world_size"] == 1
+    for name, entry in manifest["files"].items():
+        assert (ckpt / name).stat().st_size == entry["bytes"]
+
+
+def test_reads_files_written_by_the_safetensors_library(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(1, {"a": torch.ones(2)}, {})
+    tensors = {k: v.contiguous() for k, v in sample_tensors(5).items()}
+    path = folder(tmp_path, 1) / "rank-00000.safetensors"
+    safetensors.torch.save_file(tensors, path)
+    # Re-commit by hand: what matters is that our parser reads the library's layout.
+    from hardtrain.checkpoint._format import FileEntry, checksum, encode_manifest
+
+    data = path.read_bytes()
+    state = (folder(tmp_path, 1) / "rank-00000.json").read_bytes()
+    (folder(tmp_path, 1) / "MANIFEST.json").write_bytes(encode_manifest(1, 1, [
+        FileEntry("rank-00000.safetensors", len(data), checksum(data), 0),
+        FileEntry("rank-00000.json", len(state), checksum(state), 0),
+    ]))
+    assert_same(store.load(1).tensors, tensors)
+
+
+def test_load_in_place_fills_the_given_tensors(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    model = torch.nn.Linear(4, 3)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    store.save(1, saved)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    params = dict(model.named_parameters())
+    loaded = store.load(out=params)
+    for name, p in params.items():
+        assert torch.equal(p, saved[name])
+        assert loaded.tensors[name] is p
+
+
+def test_load_in_place_mismatch_names_the_difference_and_touches_nothing(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(1, {"w": torch.ones(2, 3), "b": torch.ones(3)})
+    out = {"w": torch.zeros(3, 2), "extra": torch.zeros(1)}
+    with pytest.raises(ht.CheckpointMismatchError) as e:
+        store.load(out=out)
+    message = str(e.value)
+    assert "missing in checkpoint: extra" in message
+    assert "not in out=: b" in message
+    assert "w: checkpoint has torch.float32 [2, 3], out= has torch.float32 [3, 2]" in message
+    assert torch.equal(out["w"], torch.zeros(3, 2))
+
+
+def test_async_staging_buffer_is_reused_and_caller_may_mutate(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    w = torch.zeros(1000)
+    store.save_async(1, {"w": w})
+    buffer = store._staging._buffer
+    w.fill_(7.0)  # after save_async returned: must not leak into step 1
+    store.save_async(2, {"w": w})
+    assert store._staging._buffer is buffer
+    store.wait()
+    assert torch.equal(store.load(1).tensors["w"], torch.zeros(1000))
+    assert torch.equal(store.load(2).tensors["w"], torch.full((1000,), 7.0))
+
+
+def test_background_failure_is_raised_on_the_next_call(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(1, {"w": torch.ones(2)})
+    blocker = folder(tmp_path, 2) / "rank-00000.safetensors"
+    blocker.mkdir(parents=True)  # the rename onto it fails in the background thread
+    store.save_async(2, {"w": torch.ones(2)})
+    with pytest.raises(ht.CheckpointWriteError, match="nothing was committed"):
+        store.list()
+    assert [i.step for i in store.list()] == [1]
+    store.save_async(3, {"w": torch.full((2,), 3.0)})
+    store.wait()
+    assert store.load().step == 3
+
+
+def test_wait_raises_the_background_failure(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    (folder(tmp_path, 5) / "rank-00000.json").mkdir(parents=True)
+    store.save_async(5, {"w": torch.ones(2)})
+    with pytest.raises(ht.CheckpointWriteError, match="step-00000005"):
+        store.wait()
+
+
+def test_fsync_error_aborts_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(1, {"w": torch.ones(4)}, {"v": 1})
+    real_fsync = os.fsync
+    calls = []
+
+    def failing_fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(ht.CheckpointWriteError, match="Input/output error"):
+        store.save(2, {"w": torch.zeros(4)}, {"v": 2})
+    monkeypatch.undo()
+    assert not (folder(tmp_path, 2) / "MANIFEST.json").exists()
+    assert [i.step for i in store.list()] == [1]
+    loaded = store.load()
+    assert loaded.step == 1 and torch.equal(loaded.tensors["w"], torch.ones(4))
+    leftovers = [n for n in os.listdir(folder(tmp_path, 2)) if ".tmp-" in n]
+    assert leftovers == []
+
+
+def test_uncommitted_folder_is_invisible(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(1, {"w": torch.ones(2)})
+    store.save(2, {"w": torch.full((2,), 2.0)})
+    os.remove(folder(tmp_path, 2) / "MANIFEST.json")  # as if killed before the commit
+    assert [i.step for i in store.list()] == [1]
+    assert [i.committed for i in store.list(include_uncommitted=True)] == [True, False]
+    assert store.load().step == 1
+    assert store.latest() is not None and store.latest().step == 1  # type: ignore[union-attr]
+
+
+def test_saving_a_committed_step_again_is_refused(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(4, {"w": torch.ones(2)})
+    with pytest.raises(ht.CheckpointError, match="already committed"):
+        store.save(4, {"w": torch.zeros(2)})
+    assert torch.equal(store.load(4).tensors["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("state", "where"),
+    [
+        ({"betas": (0.9, 0.99)}, "state['betas'] is a tuple"),
+        ({1: "x"}, "has key 1"),
+        ({"t": torch.ones(1)}, "state['t'] is a Tensor"),
+    ],
+)
+def test_state_that_would_not_load_back_equal_is_refused(
+    tmp_path: Path, state: dict, where: str
+) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    with pytest.raises(TypeError, match=where.replace("[", r"\[").replace("]", r"\]")):
+        store.save(1, {}, state)
+    assert store.list() == []
+
+
+def test_bad_arguments_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="keep_last=0"):
+        ht.CheckpointStore(tmp_path, keep_last=0)
+    store = ht.CheckpointStore(tmp_path)
+    with pytest.raises(ValueError, match="step=-1"):
+        store.save(-1, {})
+    with pytest.raises(TypeError, match="tensors\\['x'\\] is a list"):
+        store.save(1, {"x": [1, 2]})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="sparse"):
+        store.save(1, {"s": torch.eye(2).to_sparse()})
+    with pytest.raises(ht.NoCheckpointError, match="there is none"):
+        store.load()
+
+
+def test_retention_keeps_the_newest_and_only_prunes_after_commit(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path, keep_last=2)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "notes.txt").write_text("user file")
+    for step in range(1, 6):
+        store.save_async(step, {"w": torch.full((3,), float(step))})
+    store.wait()
+    assert [i.step for i in store.list()] == [4, 5]
+    assert (tmp_path / "checkpoints" / "notes.txt").read_text() == "user file"
+    pruned = [r["step"] for r in store.events.records if r["event"] == "checkpoint_pruned"]
+    assert pruned == [1, 2, 3]
+
+
+def test_retention_does_not_count_rejected_checkpoints(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path, keep_last=2)
+    store.save(1, {"w": torch.ones(3)})
+    store.save(2, {"w": torch.ones(3)})
+    (folder(tmp_path, 2) / "rank-00000.safetensors").write_bytes(b"garbage")
+    with pytest.warns(ht.CheckpointFallbackWarning):
+        assert store.load().step == 1
+    store.save(3, {"w": torch.ones(3)})
+    # keep_last=2 keeps step 3 and the newest good older one (1), not the damaged 2.
+    assert [i.step for i in store.list()] == [1, 3]
+
+
+def test_stale_files_of_a_crashed_save_are_cleaned_but_nothing_else(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path, keep_last=1)
+    crashed = folder(tmp_path, 1)
+    crashed.mkdir(parents=True)
+    (crashed / ".rank-00000.safetensors.tmp-99999-abcd").write_bytes(b"partial")
+    (crashed / "rank-00000.json").write_text("{}")
+    (crashed / "my-notes.txt").write_text("keep me")
+    store.save(2, {"w": torch.ones(1)})
+    assert sorted(os.listdir(crashed)) == ["my-notes.txt"]
+
+
+def test_events_go_to_events_jsonl(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save_async(1, {"w": torch.ones(1000)})
+    store.wait()
+    lines = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    saved = [e for e in lines if e["event"] == "checkpoint_saved"]
+    assert len(saved) == 1
+    assert saved[0]["step"] == 1 and saved[0]["rank"] == 0
+    assert saved[0]["bytes"] > 4000 and saved[0]["blocking_s"] >= 0 and saved[0]["persist_s"] > 0
