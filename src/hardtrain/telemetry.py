@@ -2,7 +2,7 @@
 
 An event is named in the past tense (``checkpoint_saved``, ``checkpoint_rejected``) and
 carries its figures as fields. Every event also goes to the ``hardtrain`` logger as one
-``key=value`` line with the rank, and is kept in ``EventLog.records`` for the process.
+``key=value`` line with the rank, and the newest are kept in ``EventLog.records``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from typing import Any, Protocol
 
 from hardtrain._dist import rank_and_world_size
 
 logger = logging.getLogger(__name__)
+_MAX_RECORDS = 10_000  # the newest events kept in memory; the file keeps them all
 
 
 class EventSink(Protocol):
@@ -33,7 +35,7 @@ class EventLog:
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = None if path is None else os.fspath(path)
-        self.records: list[dict[str, Any]] = []
+        self.records: deque[dict[str, Any]] = deque(maxlen=_MAX_RECORDS)
         self._lock = threading.Lock()
 
     def record(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:

@@ -280,3 +280,17 @@ def test_events_go_to_events_jsonl(tmp_path: Path) -> None:
     assert len(saved) == 1
     assert saved[0]["step"] == 1 and saved[0]["rank"] == 0
     assert saved[0]["bytes"] > 4000 and saved[0]["blocking_s"] >= 0 and saved[0]["persist_s"] > 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_tied_weights_save_and_load_back_equal(tmp_path: Path, mode: str) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    embedding = torch.randn(10, 4)
+    tensors = {"embed.weight": embedding, "lm_head.weight": embedding, "row": embedding[2]}
+    if mode == "sync":
+        store.save(1, tensors)
+    else:
+        store.save_async(1, tensors)
+    loaded = store.load(1).tensors
+    for name, value in tensors.items():
+        assert torch.equal(loaded[name], value), name

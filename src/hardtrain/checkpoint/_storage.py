@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import fsspec
 import safetensors.torch
 import torch
+import xxhash
 from fsspec.implementations.local import LocalFileSystem
 
 from hardtrain.checkpoint._format import TMP_MARKER, checksum
@@ -80,9 +81,7 @@ class LocalStorage:
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
-                # Hash what landed in the file, not what we meant to write.
-                with _mapped(fd) as view:
-                    result = len(view), checksum(view)
+                result = _hash_file(fd)  # what landed in the file, not what we meant to write
             finally:
                 os.close(fd)
             os.replace(tmp, final)
@@ -159,23 +158,37 @@ class LocalStorage:
 
 @contextlib.contextmanager
 def _mapped(fd: int) -> Iterator[memoryview]:
-    """The file behind ``fd`` as a writable private (copy-on-write) mapping: reading it
-    copies nothing, and torch can wrap it without a read-only warning."""
+    """The file behind ``fd`` as a read-only shared mapping of the page cache: reading it
+    copies nothing (a writable private mapping would be copied page by page on populate)."""
     size = os.fstat(fd).st_size
     if size == 0:
         yield memoryview(b"")
         return
-    mapping = mmap.mmap(
-        fd, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
-        prot=mmap.PROT_READ | mmap.PROT_WRITE,
-    )
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    mapping = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
     view = memoryview(mapping)
     try:
         yield view
     finally:
-        view.release()
         with contextlib.suppress(BufferError):  # a caller still holds a view: GC closes it
+            view.release()
             mapping.close()
+
+
+_HASH_WINDOW = 64 << 20
+
+
+def _hash_file(fd: int) -> tuple[int, str]:
+    """Size and checksum of a file, mapped a window at a time so that at most one window
+    of it is resident in this process."""
+    size = os.fstat(fd).st_size
+    hasher = xxhash.xxh3_128()
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    for offset in range(0, size, _HASH_WINDOW):
+        length = min(_HASH_WINDOW, size - offset)
+        with mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ, offset=offset) as window:
+            hasher.update(window)
+    return size, str(hasher.hexdigest())
 
 
 class FsspecStorage:
@@ -195,8 +208,7 @@ class FsspecStorage:
 
     @contextlib.contextmanager
     def read(self, path: str) -> Iterator[memoryview]:
-        data = bytearray(self.fs.cat_file(self._abs(path)))  # writable: torch wraps it
-        yield memoryview(data)
+        yield memoryview(self.fs.cat_file(self._abs(path)))
 
     def size(self, path: str) -> int | None:
         target = self._abs(path)

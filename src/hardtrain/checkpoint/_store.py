@@ -175,8 +175,9 @@ class CheckpointStore:
         Collective when distributed. CPU tensors are written straight from their memory.
         """
         self.wait()
-        on_gpu = any(getattr(t, "is_cuda", False) for t in tensors.values())
-        job = self._prepare(step, tensors, state, stage=on_gpu)
+        direct = all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in
+                     tensors.values()) and not _shares_storage(tensors)
+        job = self._prepare(step, tensors, state, stage=not direct)
         return self._persist(job)
 
     def save_async(
@@ -527,7 +528,9 @@ class CheckpointStore:
                 mismatch.extend(_describe_mismatch(specs, out))
                 if mismatch:
                     return
-            data = torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0)
+            with warnings.catch_warnings():  # the mapping is read-only; we only read it
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0)
             with torch.no_grad():
                 for name, spec in specs.items():
                     source = tensor_view(data, spec, data_start)
@@ -643,6 +646,15 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
             raise TypeError(f"tensors[{name!r}] is {t.layout}; save a dense tensor (.to_dense())")
         if t.dtype not in _SAVABLE_DTYPES:
             raise TypeError(f"tensors[{name!r}] has dtype {t.dtype}, which safetensors cannot hold")
+
+
+def _shares_storage(tensors: Mapping[str, torch.Tensor]) -> bool:
+    storages = [
+        t.untyped_storage().data_ptr()
+        for t in tensors.values()
+        if t.layout == torch.strided and t.numel()
+    ]
+    return len(set(storages)) != len(storages)
 
 
 def _encode_state(state: Mapping[str, Any]) -> bytes:
