@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as e:
         print(f"hardtrain: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # storage unreachable, credentials refused, ...: one line
+        print(f"hardtrain: {args.run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 class _UsageError(Exception):
@@ -92,6 +95,8 @@ def _verify(run_dir: str, step: int | None) -> int:
     steps = [step] if step is not None else [i.step for i in infos if i.committed]
     if not steps:
         raise _UsageError(f"{run_dir}: no committed checkpoint to verify")
+    if step is not None and step not in {i.step for i in infos}:
+        raise _UsageError(f"{run_dir}: no checkpoint folder for step {step}")
     bad = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

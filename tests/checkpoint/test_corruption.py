@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hardtrain as ht
-from hardtrain.checkpoint._format import checksum
+from hardtrain.checkpoint._format import checksum, digest_of
 
 
 def folder(root: Path, step: int) -> Path:
@@ -42,13 +42,20 @@ def delete_manifest(ckpt: Path) -> None:
 
 def manifest_names_missing_file(ckpt: Path) -> None:
     rewrite_manifest(ckpt, lambda files: files.update(
-        {"rank-00000.extra.json": {"bytes": 2, "xxh3_128": checksum(b"{}"), "rank": 0}}
+        {"rank-00000.extra.json": entry_for(b"{}")}
     ))
 
 
 def garble_manifest(ckpt: Path) -> None:
     path = ckpt / "MANIFEST.json"
     path.write_bytes(path.read_bytes()[:40] + b"\x00garbage")
+
+
+def entry_for(data: bytes, rank: int = 0) -> dict:
+    """A manifest entry that matches ``data``."""
+    digest = digest_of(data)
+    return {"bytes": len(data), "rank": rank, "xxh3_128": digest.checksum,
+            "chunks": list(digest.chunks)}
 
 
 def rewrite_manifest(ckpt: Path, edit: Callable[[dict], None]) -> None:
@@ -134,25 +141,64 @@ def test_an_explicit_step_that_fails_raises_instead_of_falling_back(
         two_checkpoints.load(200)
 
 
-def test_every_checkpoint_damaged_is_a_clear_error(
+def test_every_checkpoint_damaged_is_a_clear_error_not_a_fresh_start(
     tmp_path: Path, two_checkpoints: ht.CheckpointStore
 ) -> None:
     flip_byte(folder(tmp_path, 100))
     flip_byte(folder(tmp_path, 200))
     store = ht.CheckpointStore(tmp_path)
-    with pytest.warns(ht.CheckpointFallbackWarning), pytest.raises(ht.NoCheckpointError) as e:
+    with pytest.warns(ht.CheckpointFallbackWarning), pytest.raises(ht.CheckpointCorruptError) as e:
         store.load()
+    assert not isinstance(e.value, ht.NoCheckpointError)  # "start from scratch" must not catch it
     assert "step-00000100" in str(e.value) and "step-00000200" in str(e.value)
+    assert "out=" not in str(e.value)
 
 
-def test_in_place_load_verifies_before_touching_the_tensors(
+BIG = 5 << 20  # float32 elements: 20 MiB, more than one 16 MiB checksum chunk
+
+
+def flip_last_byte(ckpt: Path) -> None:
+    path = ckpt / "rank-00000.safetensors"
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)[0]
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last ^ 0xFF]))
+
+
+def test_damaged_data_read_into_out_is_overwritten_by_the_fallback(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(100, {"w": torch.full((BIG,), 1.0)})
+    store.save(200, {"w": torch.full((BIG,), 2.0)})
+    flip_last_byte(folder(tmp_path, 200))
+    out = {"w": torch.full((BIG,), -5.0)}
+    with pytest.warns(ht.CheckpointFallbackWarning):
+        assert ht.CheckpointStore(tmp_path).load(out=out).step == 100
+    assert torch.equal(out["w"], torch.full((BIG,), 1.0))
+
+
+def test_when_nothing_verifies_the_error_says_out_holds_unverified_bytes(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(100, {"w": torch.full((BIG,), 1.0)})
+    flip_last_byte(folder(tmp_path, 100))
+    out = {"w": torch.full((BIG,), -5.0)}
+    with pytest.warns(ht.CheckpointFallbackWarning), pytest.raises(ht.CheckpointCorruptError) as e:
+        ht.CheckpointStore(tmp_path).load(out=out)
+    assert "out= hold unverified bytes from step-00000100" in str(e.value)
+
+
+def test_a_damaged_header_is_a_checksum_problem_and_touches_nothing(
     tmp_path: Path, two_checkpoints: ht.CheckpointStore
 ) -> None:
-    flip_byte(folder(tmp_path, 100))
-    flip_byte(folder(tmp_path, 200))
+    path = folder(tmp_path, 200) / "rank-00000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[12] ^= 0x20  # inside the JSON header
+    path.write_bytes(bytes(data))
+    store = ht.CheckpointStore(tmp_path)
     out = {"w": torch.full((64, 64), -5.0)}
-    with pytest.warns(ht.CheckpointFallbackWarning), pytest.raises(ht.NoCheckpointError):
-        ht.CheckpointStore(tmp_path).load(out=out)
+    with pytest.raises(ht.CheckpointCorruptError, match="wrong checksum") as e:
+        store.load(200, out=out)
+    assert "out=" not in str(e.value)
     assert torch.equal(out["w"], torch.full((64, 64), -5.0))
 
 
@@ -207,7 +253,7 @@ def test_a_pickle_in_place_of_a_data_file_is_never_unpickled(
     # Even with the manifest re-sealed to match, the bytes are parsed, never unpickled.
     data = (folder(tmp_path, 200) / target).read_bytes()
     rewrite_manifest(folder(tmp_path, 200), lambda files: files[target].update(
-        {"bytes": len(data), "xxh3_128": checksum(data)}
+        entry_for(data)
     ))
     with pytest.warns(ht.CheckpointFallbackWarning, match="unreadable"):
         assert ht.CheckpointStore(tmp_path).load().step == 100
@@ -223,7 +269,7 @@ def test_a_manifest_naming_a_pickle_is_refused(
     data = torch_save_bytes(sentinel, tmp_path)
     (ckpt / name).write_bytes(data)
     rewrite_manifest(ckpt, lambda files: files.update(
-        {name: {"bytes": len(data), "xxh3_128": checksum(data), "rank": 0}}
+        {name: entry_for(data)}
     ))
     report = ht.CheckpointStore(tmp_path).verify(200)
     assert any("never pickle" in p.detail for p in report.problems), report
@@ -236,7 +282,7 @@ def test_a_manifest_cannot_point_outside_its_folder(
     tmp_path: Path, two_checkpoints: ht.CheckpointStore
 ) -> None:
     rewrite_manifest(folder(tmp_path, 200), lambda files: files.update(
-        {"../step-00000100/rank-00000.json": {"bytes": 1, "xxh3_128": "0", "rank": 0}}
+        {"../step-00000100/rank-00000.json": entry_for(b"x")}
     ))
     report = ht.CheckpointStore(tmp_path).verify(200)
     assert any("not a plain file name" in p.detail for p in report.problems)

@@ -87,13 +87,13 @@ def test_reads_files_written_by_the_safetensors_library(tmp_path: Path) -> None:
     path = folder(tmp_path, 1) / "rank-00000.safetensors"
     safetensors.torch.save_file(tensors, path)
     # Re-commit by hand: what matters is that our parser reads the library's layout.
-    from hardtrain.checkpoint._format import FileEntry, checksum, encode_manifest
+    from hardtrain.checkpoint._format import FileEntry, digest_of, encode_manifest
 
     data = path.read_bytes()
     state = (folder(tmp_path, 1) / "rank-00000.json").read_bytes()
     (folder(tmp_path, 1) / "MANIFEST.json").write_bytes(encode_manifest(1, 1, [
-        FileEntry("rank-00000.safetensors", len(data), checksum(data), 0),
-        FileEntry("rank-00000.json", len(state), checksum(state), 0),
+        FileEntry("rank-00000.safetensors", 0, digest_of(data)),
+        FileEntry("rank-00000.json", 0, digest_of(state)),
     ]))
     assert_same(store.load(1).tensors, tensors)
 
@@ -294,3 +294,35 @@ def test_tied_weights_save_and_load_back_equal(tmp_path: Path, mode: str) -> Non
     loaded = store.load(1).tensors
     for name, value in tensors.items():
         assert torch.equal(loaded[name], value), name
+
+
+def test_large_files_are_verified_chunk_by_chunk(tmp_path: Path) -> None:
+    from hardtrain.checkpoint._format import CHUNK_BYTES
+
+    store = ht.CheckpointStore(tmp_path)
+    big = torch.arange(CHUNK_BYTES * 3 // 8, dtype=torch.float32)  # 1.5 chunks
+    store.save(1, {"big": big})
+    manifest = json.loads((folder(tmp_path, 1) / "MANIFEST.json").read_text())
+    entry = manifest["files"]["rank-00000.safetensors"]
+    assert len(entry["chunks"]) == 2 == -(-entry["bytes"] // CHUNK_BYTES)
+    import xxhash
+
+    data = (folder(tmp_path, 1) / "rank-00000.safetensors").read_bytes()
+    assert entry["xxh3_128"] == xxhash.xxh3_128_hexdigest(data)  # what xxh128sum prints
+    path = folder(tmp_path, 1) / "rank-00000.safetensors"
+    damaged = bytearray(data)
+    damaged[CHUNK_BYTES + 5] ^= 0x10  # in the second chunk
+    path.write_bytes(bytes(damaged))
+    (problem,) = store.verify(1).problems
+    assert problem.reason == "wrong checksum"
+    assert f"bytes {CHUNK_BYTES}..{len(data)}" in problem.detail
+
+
+def test_a_file_url_root_keeps_events_in_the_run_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = ht.CheckpointStore(f"file://{tmp_path}/run")
+    store.save(1, {"w": torch.ones(1)})
+    assert (tmp_path / "run" / "events.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

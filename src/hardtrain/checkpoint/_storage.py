@@ -18,23 +18,25 @@ from typing import Any, Protocol
 import fsspec
 import safetensors.torch
 import torch
-import xxhash
 from fsspec.implementations.local import LocalFileSystem
 
-from hardtrain.checkpoint._format import TMP_MARKER, checksum
+from hardtrain.checkpoint._format import CHUNK_BYTES, TMP_MARKER, Digest, Hasher, digest_of
 
 
 class Storage(Protocol):
     """The seam between the store and the bytes. Paths are "/"-joined below the root."""
 
-    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, str]:
-        """Durably write a safetensors file; return its size and checksum."""
+    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> Digest:
+        """Durably write a safetensors file; return its size and checksums."""
 
-    def write_bytes(self, path: str, data: bytes) -> tuple[int, str]:
-        """Durably write a small file; return its size and checksum."""
+    def write_bytes(self, path: str, data: bytes) -> Digest:
+        """Durably write a small file; return its size and checksums."""
 
     def read(self, path: str) -> contextlib.AbstractContextManager[memoryview]:
         """The file's bytes, readable while the context is open."""
+
+    def read_head(self, path: str, num_bytes: int) -> bytes:
+        """The file's first bytes (without fetching the rest)."""
 
     def size(self, path: str) -> int | None:
         """The file's size in bytes, or None when it does not exist."""
@@ -72,7 +74,7 @@ class LocalStorage:
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
 
-    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, str]:
+    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> Digest:
         final = self._abs(path)
         tmp = _tmp_path(final)
         try:
@@ -91,7 +93,7 @@ class LocalStorage:
             raise
         return result
 
-    def write_bytes(self, path: str, data: bytes) -> tuple[int, str]:
+    def write_bytes(self, path: str, data: bytes) -> Digest:
         final = self._abs(path)
         tmp = _tmp_path(final)
         try:
@@ -108,7 +110,7 @@ class LocalStorage:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        return len(data), checksum(data)
+        return digest_of(data)
 
     @contextlib.contextmanager
     def read(self, path: str) -> Iterator[memoryview]:
@@ -118,6 +120,10 @@ class LocalStorage:
                 yield view
         finally:
             os.close(fd)
+
+    def read_head(self, path: str, num_bytes: int) -> bytes:
+        with open(self._abs(path), "rb") as f:
+            return f.read(num_bytes)
 
     def size(self, path: str) -> int | None:
         try:
@@ -164,7 +170,7 @@ def _mapped(fd: int) -> Iterator[memoryview]:
     if size == 0:
         yield memoryview(b"")
         return
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    flags = mmap.MAP_SHARED
     mapping = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
     view = memoryview(mapping)
     try:
@@ -175,20 +181,16 @@ def _mapped(fd: int) -> Iterator[memoryview]:
             mapping.close()
 
 
-_HASH_WINDOW = 64 << 20
-
-
-def _hash_file(fd: int) -> tuple[int, str]:
-    """Size and checksum of a file, mapped a window at a time so that at most one window
+def _hash_file(fd: int) -> Digest:
+    """Size and checksums of a file, mapped a chunk at a time so that at most one chunk
     of it is resident in this process."""
     size = os.fstat(fd).st_size
-    hasher = xxhash.xxh3_128()
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    for offset in range(0, size, _HASH_WINDOW):
-        length = min(_HASH_WINDOW, size - offset)
-        with mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ, offset=offset) as window:
-            hasher.update(window)
-    return size, str(hasher.hexdigest())
+    hasher = Hasher()
+    for offset in range(0, size, CHUNK_BYTES):
+        length = min(CHUNK_BYTES, size - offset)
+        with mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset) as m:
+            hasher.update(m)
+    return hasher.digest()
 
 
 class FsspecStorage:
@@ -199,16 +201,19 @@ class FsspecStorage:
     def _abs(self, path: str) -> str:
         return f"{self.root}/{path}" if path else self.root
 
-    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, str]:
+    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> Digest:
         return self.write_bytes(path, safetensors.torch.save(dict(tensors)))
 
-    def write_bytes(self, path: str, data: bytes) -> tuple[int, str]:
+    def write_bytes(self, path: str, data: bytes) -> Digest:
         self.fs.pipe_file(self._abs(path), data)
-        return len(data), checksum(data)
+        return digest_of(data)
 
     @contextlib.contextmanager
     def read(self, path: str) -> Iterator[memoryview]:
         yield memoryview(self.fs.cat_file(self._abs(path)))
+
+    def read_head(self, path: str, num_bytes: int) -> bytes:
+        return bytes(self.fs.cat_file(self._abs(path), start=0, end=num_bytes))
 
     def size(self, path: str) -> int | None:
         target = self._abs(path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -18,25 +17,25 @@ import torch
 
 from hardtrain import _dist
 from hardtrain.checkpoint._format import (
-    DTYPES,
     MANIFEST,
+    Digest,
     FileEntry,
     Manifest,
     ManifestError,
-    checksum,
+    check_tensors,
     decode_manifest,
     encode_manifest,
+    encode_state,
     is_tmp_name,
     looks_like_pickle,
-    parse_safetensors,
     parse_step_dir,
     state_file,
     step_dir_name,
-    tensor_view,
     tensors_file,
 )
+from hardtrain.checkpoint._read import TensorRead, check_chunks, read_json, read_tensors
 from hardtrain.checkpoint._staging import StagedTensors, StagingBuffer
-from hardtrain.checkpoint._storage import Storage, open_storage
+from hardtrain.checkpoint._storage import LocalStorage, Storage, open_storage
 from hardtrain.errors import (
     CHECKPOINT_RUNBOOK,
     CheckpointCorruptError,
@@ -51,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 _CHECKPOINTS = "checkpoints"
 _Steps = list[int]  # aliases: inside the class, `list` is the method
-_SAVABLE_DTYPES = frozenset(DTYPES.values())
 
 
 class CheckpointFallbackWarning(UserWarning):
@@ -115,6 +113,23 @@ _Strings = list[str]
 
 
 @dataclass
+class _Attempt:
+    loaded: LoadedCheckpoint | None = None
+    problems: _Problems = field(default_factory=list)
+    mismatch: str | None = None
+    touched: bool = False  # out= received bytes of a file that then failed verification
+
+
+def _touched_note(folder: str) -> str:
+    if not folder:
+        return ""
+    return (
+        f" The tensors passed as out= hold unverified bytes from {folder}: reinitialise "
+        "them before using them."
+    )
+
+
+@dataclass
 class _Job:
     step: int
     staged: StagedTensors | None
@@ -155,8 +170,11 @@ class CheckpointStore:
         self._storage: Storage = open_storage(self.root, storage_options)
         self.keep_last = keep_last
         if events is None:
-            local = "://" not in self.root or self.root.startswith("file://")
-            events = EventLog(os.path.join(self.root, "events.jsonl") if local else None)
+            storage = self._storage
+            if isinstance(storage, LocalStorage):
+                events = EventLog(os.path.join(storage.root, "events.jsonl"))
+            else:
+                events = EventLog(None)
         self.events = events
         self._staging = StagingBuffer()
         self._rejected: dict[int, str] = {}
@@ -247,8 +265,8 @@ class CheckpointStore:
                     "would replace a good checkpoint. Save a later step, or delete that folder "
                     "by hand if you really mean to replace it."
                 )
-            _check_tensors(tensors)
-            state_json = _encode_state(state or {})
+            check_tensors(tensors)
+            state_json = encode_state(state or {})
             if stage:
                 staged = self._staging.stage(tensors)
             else:
@@ -270,12 +288,17 @@ class CheckpointStore:
             try:
                 job.staged.ready()
                 self._storage.makedirs(folder)
-                name = tensors_file(rank)
-                size, digest = self._storage.write_tensors(f"{folder}/{name}", job.staged.tensors)
-                report["files"].append([name, size, digest])
-                name = state_file(rank)
-                size, digest = self._storage.write_bytes(f"{folder}/{name}", job.state_json)
-                report["files"].append([name, size, digest])
+                written = {
+                    tensors_file(rank): self._storage.write_tensors(
+                        f"{folder}/{tensors_file(rank)}", job.staged.tensors
+                    ),
+                    state_file(rank): self._storage.write_bytes(
+                        f"{folder}/{state_file(rank)}", job.state_json
+                    ),
+                }
+                report["files"] = [
+                    [name, d.num_bytes, d.checksum, list(d.chunks)] for name, d in written.items()
+                ]
                 self._storage.sync_dir(folder)
             except Exception as e:
                 report["error"] = f"{type(e).__name__}: {e}"
@@ -296,7 +319,7 @@ class CheckpointStore:
                 f"{self._folder_path(job.step)}: writing the manifest failed ({commit_error}); "
                 "the checkpoint is not committed and earlier checkpoints are untouched."
             )
-        num_bytes = sum(n for rep in reports for _, n, _ in rep["files"])
+        num_bytes = sum(file[1] for rep in reports for file in rep["files"])
         persist_s = time.perf_counter() - started
         self.events.record(
             "checkpoint_saved", step=job.step, bytes=num_bytes,
@@ -309,9 +332,9 @@ class CheckpointStore:
     def _commit(self, step: int, world_size: int, reports: list[dict[str, Any]]) -> str | None:
         folder = f"{_CHECKPOINTS}/{step_dir_name(step)}"
         files = [
-            FileEntry(name, num_bytes, digest, rank)
+            FileEntry(name, rank, Digest(num_bytes, whole, tuple(chunks)))
             for rank, rep in enumerate(reports)
-            for name, num_bytes, digest in rep["files"]
+            for name, num_bytes, whole, chunks in rep["files"]
         ]
         try:
             manifest = encode_manifest(step, world_size, files)
@@ -405,7 +428,7 @@ class CheckpointStore:
             problems += _completeness(manifest)
             for entry in manifest.files.values():
                 num_files += 1
-                problem = self._check_file(step, entry)
+                problem = self._check_file(step, entry, manifest.chunk_bytes)
                 if problem is not None:
                     problems.append(problem)
         return VerifyReport(
@@ -438,10 +461,13 @@ class CheckpointStore:
         """Load this rank's tensors and state, verified.
 
         step: None loads the newest checkpoint that verifies on every rank, falling back
-            past damaged ones (each rejected with a warning and an event); a number loads
-            that step or raises CheckpointCorruptError.
-        out: tensors to fill in place (same names, shapes and dtypes as saved). The file is
-            verified before any of them is touched.
+            past damaged ones (each rejected with a warning and an event); NoCheckpointError
+            when none is committed, CheckpointCorruptError when every one is damaged. A
+            number loads that step or raises CheckpointCorruptError.
+        out: tensors to fill in place (same names, shapes and dtypes as saved). Names,
+            shapes and dtypes are checked before any byte is copied; bytes are verified as
+            they are copied, so a damaged file can leave them partly written: then the
+            fallback overwrites them, or the error says so.
         rank: read another rank's files from a single process (inspection); not collective.
 
         Collective when distributed and ``rank`` is None.
@@ -459,31 +485,39 @@ class CheckpointStore:
         if collective:
             candidates = self._gather(candidates)[0]  # rank 0's view, the same on every rank
         read_rank, expected_world = (own_rank, world_size) if rank is None else (rank, None)
+        touched = ""  # the step whose unverified bytes reached out=, if any
         for candidate in candidates:
-            loaded, problems, mismatch = self._load_one(candidate, read_rank, expected_world, out)
-            outcome = [mismatch, [str(p) for p in problems]]
+            attempt = self._load_one(candidate, read_rank, expected_world, out)
+            touched = step_dir_name(candidate) if attempt.touched else touched
+            outcome = [attempt.mismatch, [str(p) for p in attempt.problems]]
             outcomes = self._gather(outcome) if collective else [outcome]
             mismatches = [f"rank {r}: {m}" for r, (m, _) in enumerate(outcomes) if m]
             if mismatches:
                 raise CheckpointMismatchError(
                     f"{self._folder_path(candidate)} does not fit: " + "; ".join(mismatches)
+                    + _touched_note(touched)
                 )
             all_problems = [f"rank {r}: {p}" for r, (_, ps) in enumerate(outcomes) for p in ps]
-            if not all_problems and loaded is not None:
+            if not all_problems and attempt.loaded is not None:
                 self.events.record("checkpoint_loaded", step=candidate)
-                return loaded
+                return attempt.loaded
             if step is not None:
                 raise CheckpointCorruptError(
                     f"{self._folder_path(candidate)} failed verification: "
                     + "; ".join(all_problems)
                     + ". Load another step, or call load() to fall back to the newest good one."
+                    + _touched_note(touched)
                 )
-            self._reject(candidate, problems or all_problems)
-        rejected = ", ".join(f"{step_dir_name(s)} ({r})" for s, r in sorted(self._rejected.items()))
-        raise NoCheckpointError(
-            f"no committed checkpoint under {self.root}/{_CHECKPOINTS} verifies"
-            + (f"; rejected: {rejected}" if rejected else " (there is none)")
-            + ". Start from scratch, or restore a checkpoint from a backup."
+            self._reject(candidate, attempt.problems or all_problems)
+        if not self._rejected:
+            raise NoCheckpointError(
+                f"no committed checkpoint under {self.root}/{_CHECKPOINTS} (there is none)."
+            )
+        rejected = "; ".join(f"{step_dir_name(s)}: {r}" for s, r in sorted(self._rejected.items()))
+        raise CheckpointCorruptError(
+            f"every committed checkpoint under {self.root}/{_CHECKPOINTS} failed verification "
+            f"({rejected}). Restore one from a backup; to start over on purpose, move them "
+            "away first." + _touched_note(touched)
         )
 
     def _load_one(
@@ -492,66 +526,60 @@ class CheckpointStore:
         rank: int,
         world_size: int | None,
         out: Mapping[str, torch.Tensor] | None,
-    ) -> tuple[LoadedCheckpoint | None, _Problems, str | None]:
-        """(loaded, problems, mismatch) for one rank's files of one step."""
+    ) -> _Attempt:
+        """Verify and read one rank's files of one step."""
         try:
             manifest = self._read_manifest(step)
         except FileNotFoundError:
-            return None, [FileProblem(MANIFEST, "not committed", "no manifest")], None
+            return _Attempt(problems=[FileProblem(MANIFEST, "not committed", "no manifest")])
         except ManifestError as e:
-            return None, [FileProblem(MANIFEST, "manifest", str(e))], None
+            return _Attempt(problems=[FileProblem(MANIFEST, "manifest", str(e))])
         if world_size is not None and manifest.world_size != world_size:
-            return None, [], (
+            return _Attempt(mismatch=(
                 f"written by {manifest.world_size} rank(s), this job has {world_size}; resume "
                 "with the same world size (or pass rank= to read one rank's files)"
-            )
+            ))
         problems = _completeness(manifest)
         tensor_entry = manifest.files.get(tensors_file(rank))
         state_entry = manifest.files.get(state_file(rank))
         if problems or tensor_entry is None or state_entry is None:
-            return None, problems or [
+            return _Attempt(problems=problems or [
                 FileProblem(tensors_file(rank), "missing", f"the manifest has no rank {rank}")
-            ], None
-        tensors: dict[str, torch.Tensor] = {}
+            ])
         state: dict[str, Any] = {}
-        mismatch: _Strings = []
+        read = TensorRead()
 
-        def read_state(view: memoryview) -> None:
-            value = json.loads(bytes(view))
-            if not isinstance(value, dict):
-                raise ValueError("state is not a JSON object")
-            state.update(value)
+        def read_state(view: memoryview) -> str | None:
+            value, bad = read_json(view, state_entry.digest.chunks, manifest.chunk_bytes)
+            state.update(value or {})
+            return bad
 
-        def read_tensors(view: memoryview) -> None:
-            specs, data_start = parse_safetensors(view)
-            if out is not None:
-                mismatch.extend(_describe_mismatch(specs, out))
-                if mismatch:
-                    return
-            with warnings.catch_warnings():  # the mapping is read-only; we only read it
-                warnings.simplefilter("ignore", UserWarning)
-                data = torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0)
-            with torch.no_grad():
-                for name, spec in specs.items():
-                    source = tensor_view(data, spec, data_start)
-                    tensors[name] = out[name].copy_(source) if out else source.clone()
+        def read_own_tensors(view: memoryview) -> str | None:
+            nonlocal read
+            read = read_tensors(view, tensor_entry.digest.chunks, manifest.chunk_bytes, out)
+            return read.problem
 
-        readers = {state_entry.name: read_state, tensor_entry.name: read_tensors}
+        readers = {state_entry.name: read_state, tensor_entry.name: read_own_tensors}
         own = sorted((e for e in manifest.files.values() if e.rank == rank), key=lambda e: e.name)
         for entry in own:  # every file of this rank is verified; the two known ones are read
-            problem = self._check_file(step, entry, readers.get(entry.name))
+            problem = self._check_file(step, entry, manifest.chunk_bytes, readers.get(entry.name))
             if problem is not None:
-                return None, [problem], None
-            if mismatch:
-                return None, [], "; ".join(mismatch)
-        return LoadedCheckpoint(step, tensors, state, self._folder_path(step)), [], None
+                return _Attempt(problems=[problem], touched=read.touched)
+            if read.mismatch:
+                return _Attempt(mismatch="; ".join(read.mismatch))
+        return _Attempt(LoadedCheckpoint(step, read.tensors, state, self._folder_path(step)))
 
     # ---------------------------------------------------------------------------- parts
 
     def _check_file(
-        self, step: int, entry: FileEntry, consume: Callable[[memoryview], None] | None = None
+        self,
+        step: int,
+        entry: FileEntry,
+        chunk_bytes: int,
+        read: Callable[[memoryview], str | None] | None = None,
     ) -> FileProblem | None:
-        """Check one file's size and checksum; then hand the verified bytes to ``consume``."""
+        """Check one file's size, then its checksums: through ``read`` (which verifies
+        while it reads and returns the checksum problem) or on their own."""
         path = f"{_CHECKPOINTS}/{step_dir_name(step)}/{entry.name}"
         try:
             size = self._storage.size(path)
@@ -564,14 +592,12 @@ class CheckpointStore:
                     f"{size} bytes, manifest says {entry.num_bytes}{hint}",
                 )
             with self._storage.read(path) as view:
-                actual = checksum(view)
-                if actual != entry.checksum:
-                    return FileProblem(
-                        entry.name, "wrong checksum",
-                        f"xxh3_128 {actual}, manifest says {entry.checksum}",
-                    )
-                if consume is not None:
-                    consume(view)
+                if read is None:
+                    bad = check_chunks(view, entry.digest.chunks, chunk_bytes)
+                else:
+                    bad = read(view)
+            if bad is not None:
+                return FileProblem(entry.name, "wrong checksum", bad)
         except (OSError, ValueError) as e:
             return FileProblem(entry.name, "unreadable", f"{type(e).__name__}: {e}")
         return None
@@ -620,8 +646,8 @@ class CheckpointStore:
         for name in sorted(self._storage.listdir(folder) or []):
             if name in named or is_tmp_name(name):
                 continue
-            with contextlib.suppress(OSError), self._storage.read(f"{folder}/{name}") as view:
-                if looks_like_pickle(name, bytes(view[:2])):
+            with contextlib.suppress(OSError):
+                if looks_like_pickle(name, self._storage.read_head(f"{folder}/{name}", 2)):
                     name += " (pickle: never loaded)"
             ignored.append(name)
         return tuple(ignored)
@@ -636,18 +662,6 @@ def _check_step(step: Any) -> None:
         raise ValueError(f"step={step!r}: must be an int >= 0")
 
 
-def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
-    for name, t in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"tensor name {name!r}: names must be non-empty strings")
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensors[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
-        if t.layout != torch.strided:
-            raise TypeError(f"tensors[{name!r}] is {t.layout}; save a dense tensor (.to_dense())")
-        if t.dtype not in _SAVABLE_DTYPES:
-            raise TypeError(f"tensors[{name!r}] has dtype {t.dtype}, which safetensors cannot hold")
-
-
 def _shares_storage(tensors: Mapping[str, torch.Tensor]) -> bool:
     storages = [
         t.untyped_storage().data_ptr()
@@ -655,27 +669,6 @@ def _shares_storage(tensors: Mapping[str, torch.Tensor]) -> bool:
         if t.layout == torch.strided and t.numel()
     ]
     return len(set(storages)) != len(storages)
-
-
-def _encode_state(state: Mapping[str, Any]) -> bytes:
-    """JSON of ``state``, refusing anything that would not load back equal (tuples, non-str
-    keys, objects): exact resume needs exact state."""
-    def check(value: Any, path: str) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    raise TypeError(f"{path} has key {key!r}; JSON state needs str keys")
-                check(item, f"{path}[{key!r}]")
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                check(item, f"{path}[{i}]")
-        elif not (value is None or isinstance(value, (str, int, float, bool))):
-            raise TypeError(
-                f"{path} is a {type(value).__name__}; state holds only dict, list, str, int, "
-                "float, bool and None (put tensors in `tensors`, make tuples lists)"
-            )
-    check(dict(state), "state")
-    return json.dumps(state, sort_keys=True).encode()
 
 
 def _completeness(manifest: Manifest) -> list[FileProblem]:
@@ -694,22 +687,3 @@ def _completeness(manifest: Manifest) -> list[FileProblem]:
         if not 0 <= e.rank < manifest.world_size
     ]
     return problems
-
-
-def _describe_mismatch(specs: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> list[str]:
-    missing = sorted(set(out) - set(specs))
-    unexpected = sorted(set(specs) - set(out))
-    problems = []
-    if missing:
-        problems.append(f"missing in checkpoint: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"not in out=: {', '.join(unexpected)}")
-    for name in sorted(set(specs) & set(out)):
-        spec, target = specs[name], out[name]
-        if tuple(target.shape) != spec.shape or target.dtype != spec.dtype:
-            problems.append(
-                f"{name}: checkpoint has {spec.dtype} {list(spec.shape)}, "
-                f"out= has {target.dtype} {list(target.shape)}"
-            )
-    return problems
-
