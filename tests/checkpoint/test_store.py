@@ -326,3 +326,27 @@ def test_a_file_url_root_keeps_events_in_the_run_dir(
     store.save(1, {"w": torch.ones(1)})
     assert (tmp_path / "run" / "events.jsonl").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_checksums_do_not_depend_on_how_the_bytes_are_fed() -> None:
+    import random
+
+    import xxhash
+
+    from hardtrain.checkpoint._format import CHUNK_BYTES, Hasher, digest_of
+
+    data = bytes(random.Random(0).randbytes(2 * CHUNK_BYTES + 12345))
+    rng = random.Random(1)
+    hasher = Hasher()
+    offset = 0
+    while offset < len(data):
+        size = rng.choice([1, 7, 4096, CHUNK_BYTES - 3, CHUNK_BYTES, 3 * CHUNK_BYTES])
+        hasher.update(data[offset : offset + size])
+        offset += size
+    expected = digest_of(data)
+    assert hasher.digest() == expected
+    assert expected.checksum == xxhash.xxh3_128_hexdigest(data)
+    assert expected.chunks == tuple(
+        xxhash.xxh3_128_hexdigest(data[i : i + CHUNK_BYTES])
+        for i in range(0, len(data), CHUNK_BYTES)
+    )

@@ -96,28 +96,36 @@ class Digest:
 
 
 class Hasher:
-    """Whole-file and per-chunk checksums in one pass. Feed it whole chunks, in order
-    (only the last may be shorter)."""
+    """Whole-file and per-chunk checksums in one pass, fed pieces of any size in order."""
 
     def __init__(self) -> None:
         self._whole = xxhash.xxh3_128()
+        self._chunk = xxhash.xxh3_128()
+        self._chunk_fill = 0
         self._chunks: list[str] = []
         self._num_bytes = 0
 
-    def update(self, chunk: Any) -> None:
-        self._whole.update(chunk)
-        self._chunks.append(checksum(chunk))
-        self._num_bytes += len(chunk)
+    def update(self, data: Any) -> None:
+        view = memoryview(data)
+        self._whole.update(view)
+        self._num_bytes += len(view)
+        while len(view):
+            take = min(len(view), CHUNK_BYTES - self._chunk_fill)
+            self._chunk.update(view[:take])
+            self._chunk_fill += take
+            view = view[take:]
+            if self._chunk_fill == CHUNK_BYTES:
+                self._chunks.append(str(self._chunk.hexdigest()))
+                self._chunk, self._chunk_fill = xxhash.xxh3_128(), 0
 
     def digest(self) -> Digest:
-        return Digest(self._num_bytes, str(self._whole.hexdigest()), tuple(self._chunks))
+        chunks = self._chunks + ([str(self._chunk.hexdigest())] if self._chunk_fill else [])
+        return Digest(self._num_bytes, str(self._whole.hexdigest()), tuple(chunks))
 
 
 def digest_of(data: Any) -> Digest:
-    view = memoryview(data)
     hasher = Hasher()
-    for offset in range(0, len(view), CHUNK_BYTES):
-        hasher.update(view[offset : offset + CHUNK_BYTES])
+    hasher.update(data)
     return hasher.digest()
 
 

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from hardtrain.checkpoint._format import CHUNK_BYTES, TMP_MARKER, Digest, Hasher, digest_of
+from hardtrain.checkpoint._format import TMP_MARKER, Digest, Hasher, digest_of
 
 
 class Storage(Protocol):
@@ -181,13 +181,16 @@ def _mapped(fd: int) -> Iterator[memoryview]:
             mapping.close()
 
 
+_HASH_WINDOW = 1 << 20
+
+
 def _hash_file(fd: int) -> Digest:
-    """Size and checksums of a file, mapped a chunk at a time so that at most one chunk
-    of it is resident in this process."""
+    """Size and checksums of a file, mapped 1 MiB at a time so that hashing it adds almost
+    nothing to this process's resident memory."""
     size = os.fstat(fd).st_size
     hasher = Hasher()
-    for offset in range(0, size, CHUNK_BYTES):
-        length = min(CHUNK_BYTES, size - offset)
+    for offset in range(0, size, _HASH_WINDOW):
+        length = min(_HASH_WINDOW, size - offset)
         with mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset) as m:
             hasher.update(m)
     return hasher.digest()

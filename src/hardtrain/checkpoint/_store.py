@@ -190,7 +190,9 @@ class CheckpointStore:
     ) -> CheckpointInfo:
         """Write and commit a checkpoint; return once it is durable.
 
-        Collective when distributed. CPU tensors are written straight from their memory.
+        Collective when distributed. CPU tensors are written straight from their memory;
+        GPU tensors and tensors sharing memory (tied weights) go through the staging
+        buffer. Tied tensors load back as separate tensors with equal values.
         """
         self.wait()
         direct = all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in
@@ -343,7 +345,7 @@ class CheckpointStore:
         except Exception as e:
             return f"{type(e).__name__}: {e}"
         try:
-            self._remove_stale(folder, keep_named=True)
+            self._remove_stale(folder)
             self._prune(step)
         except Exception as e:  # retention is housekeeping: never fail a committed save
             self.events.record("checkpoint_prune_failed", level=logging.WARNING, error=str(e))
@@ -364,28 +366,32 @@ class CheckpointStore:
         go, so a crash mid-prune leaves nothing that loads half.
         """
         older = [s for s in self._steps() if s < newest]
+        keep: set[int] = set()
         if self.keep_last is None:
-            keep: set[int] = set()
             prunable = [s for s in older if not self._manifest_exists(s)]
         else:
             good = [s for s in older if s not in self._rejected and self._manifest_exists(s)]
-            keep = set(good[len(good) - (self.keep_last - 1) :] if self.keep_last > 1 else [])
+            if self.keep_last > 1:
+                keep = set(good[-(self.keep_last - 1) :])
             prunable = [s for s in older if s not in keep]
         for step in prunable:
             folder = f"{_CHECKPOINTS}/{step_dir_name(step)}"
+            named: set[str] = set()
             if self._manifest_exists(step):
+                with contextlib.suppress(ManifestError):
+                    named = set(self._read_manifest(step).files)
                 self._storage.remove(f"{folder}/{MANIFEST}")
                 self._storage.sync_dir(folder)
                 self.events.record("checkpoint_pruned", step=step)
-            self._remove_stale(folder, keep_named=False)
+            self._remove_stale(folder, also=named)
             self._storage.rmdir(folder)
 
-    def _remove_stale(self, folder: str, *, keep_named: bool) -> None:
-        """Remove the store's own temporary files in ``folder`` and, unless ``keep_named``,
-        its own rank files too. Anything else is left where it is."""
+    def _remove_stale(self, folder: str, *, also: set[str] | None = None) -> None:
+        """Remove the store's own temporary files in ``folder``; with ``also`` (a pruned
+        folder), its rank files and the files ``also`` names too. Nothing else."""
         for name in self._storage.listdir(folder) or []:
             ours = name.startswith("rank-") and name.endswith((".safetensors", ".json"))
-            if is_tmp_name(name) or (ours and not keep_named):
+            if is_tmp_name(name) or (also is not None and (ours or name in also)):
                 with contextlib.suppress(FileNotFoundError):
                     self._storage.remove(f"{folder}/{name}")
 
