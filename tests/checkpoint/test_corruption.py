@@ -154,7 +154,7 @@ def test_every_checkpoint_damaged_is_a_clear_error_not_a_fresh_start(
     assert "out=" not in str(e.value)
 
 
-BIG = 5 << 20  # float32 elements: 20 MiB, more than one 16 MiB checksum chunk
+BIG = 2 << 20  # float32 elements: 8 MiB, more than one 4 MiB checksum chunk
 
 
 def flip_last_byte(ckpt: Path) -> None:

@@ -7,7 +7,7 @@
         MANIFEST.json             written last: every file, its size and XXH3-128 checksum
 
 Each file's entry holds its size, the XXH3-128 of the whole file (what ``xxh128sum``
-prints, for checking by hand) and the XXH3-128 of each 16 MiB chunk, which loading
+prints, for checking by hand) and the XXH3-128 of each 4 MiB chunk, which loading
 verifies on every core at once. XXH3 detects truncation, bit rot and torn writes at
 ~12 GB/s per core; it is not a defence against an attacker who can also rewrite the
 manifest.
@@ -34,7 +34,7 @@ MANIFEST = "MANIFEST.json"
 FORMAT = "hardtrain-checkpoint"
 FORMAT_VERSION = 1
 CHECKSUM = "xxh3_128"
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 4 << 20
 LOADABLE_SUFFIXES = (".safetensors", ".json")
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 TMP_MARKER = ".tmp-"

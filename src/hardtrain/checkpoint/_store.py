@@ -484,7 +484,10 @@ class CheckpointStore:
         if collective and self._group is None:
             self._group = _dist.new_cpu_group()
         if step is None:
-            candidates = [i.step for i in reversed(self.list()) if i.step not in self._rejected]
+            candidates = [
+                s for s in reversed(self._steps())
+                if s not in self._rejected and self._manifest_exists(s)
+            ]
         else:
             _check_step(step)
             candidates = [step]
