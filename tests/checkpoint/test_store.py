@@ -350,3 +350,13 @@ def test_checksums_do_not_depend_on_how_the_bytes_are_fed() -> None:
         xxhash.xxh3_128_hexdigest(data[i : i + CHUNK_BYTES])
         for i in range(0, len(data), CHUNK_BYTES)
     )
+
+
+def test_results_read_naturally(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(1, {"w": torch.ones(2)}, {"lr": 0.5})
+    tensors, state = store.load()
+    assert torch.equal(tensors["w"], torch.ones(2)) and state == {"lr": 0.5}
+    assert store.verify(1)
+    (folder(tmp_path, 1) / "rank-00000.json").write_text("{}")
+    assert not store.verify(1)

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -93,6 +93,9 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def __bool__(self) -> bool:
+        return self.ok
+
     def __str__(self) -> str:
         folder = step_dir_name(self.step)
         if self.ok:
@@ -102,10 +105,15 @@ class VerifyReport:
 
 @dataclass(frozen=True)
 class LoadedCheckpoint:
+    """What ``load`` returns; also unpacks as ``tensors, state = store.load()``."""
+
     step: int
     tensors: dict[str, torch.Tensor]
     state: dict[str, Any]
     path: str = field(default="")
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.tensors, self.state))
 
 
 _Problems = list[FileProblem]
