@@ -14,6 +14,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+import fsspec
+
 from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
 from hardtrain.errors import CHECKPOINT_RUNBOOK
 
@@ -48,10 +50,14 @@ class _UsageError(Exception):
 
 def _open(run_dir: str) -> tuple[CheckpointStore, list[CheckpointInfo]]:
     try:
+        fs, path = fsspec.core.url_to_fs(run_dir)
+        exists = fs.exists(path)
         store = CheckpointStore(run_dir, events=_Quiet())
-        infos = store.list(include_uncommitted=True)
+        infos = store.list(include_uncommitted=True) if exists else []
     except (ValueError, ImportError, OSError) as e:
         raise _UsageError(f"cannot open {run_dir}: {e}") from None
+    if not exists:
+        raise _UsageError(f"{run_dir} does not exist")
     if not infos:
         raise _UsageError(f"{run_dir}: no checkpoints (is this a run directory?)")
     return store, infos
