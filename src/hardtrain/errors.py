@@ -3,8 +3,9 @@
     HardtrainError
     └── CheckpointError
         ├── CheckpointWriteError (also OSError)      a save did not commit
-        ├── CheckpointCorruptError                   a named checkpoint failed verification
-        ├── NoCheckpointError (also FileNotFoundError) nothing committed and verified to load
+        ├── CheckpointCorruptError                   the step asked for, or every committed
+        │                                            one, failed verification
+        ├── NoCheckpointError (also FileNotFoundError) nothing committed (for that step)
         └── CheckpointMismatchError (also ValueError) the checkpoint does not fit what loads it
 
 Every message says what happened, with the values, what to do next, and names the runbook
@@ -34,15 +35,21 @@ class CheckpointError(HardtrainError):
 
 
 class CheckpointWriteError(CheckpointError, OSError):
-    """A save failed on some rank; nothing was committed and earlier checkpoints are intact."""
+    """A save failed on some rank; nothing was committed and earlier checkpoints are intact.
+
+    Distributed, every problem (bad input on one rank included) is this error on every
+    rank, raised by the same call; a single process raises bad input as TypeError or
+    ValueError at once."""
 
 
 class CheckpointCorruptError(CheckpointError):
-    """An explicitly requested checkpoint failed verification (no fallback was allowed)."""
+    """The step asked for failed verification, or every committed checkpoint did. Never a
+    NoCheckpointError: code that starts from scratch when there is no checkpoint must not
+    start from scratch over damaged ones."""
 
 
 class NoCheckpointError(CheckpointError, FileNotFoundError):
-    """No committed checkpoint verifies, or the store holds none."""
+    """There is no committed checkpoint (for the step asked for)."""
 
 
 class CheckpointMismatchError(CheckpointError, ValueError):

@@ -30,7 +30,8 @@ class EventLog:
     """Appends events to ``path`` (a local JSONL file; ``None`` keeps them in memory only).
 
     The file is opened per event in append mode, so several ranks may share it and a crash
-    loses at most the line being written.
+    loses at most the line being written. Recording never raises: if the file cannot be
+    written, that is logged and the event still reaches the log and ``records``.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
@@ -45,8 +46,11 @@ class EventLog:
         with self._lock:
             self.records.append(entry)
             if self.path is not None:
-                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
+                try:
+                    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                    with open(self.path, "a", encoding="utf-8") as f:
+                        f.write(line + "\n")
+                except OSError as e:  # a full disk must not turn an event into a new failure
+                    logger.warning("could not append to %s: %s", self.path, e)
         summary = " ".join(f"{k}={v}" for k, v in fields.items())
         logger.log(level, "event=%s rank=%d %s", event, rank, summary)

@@ -360,3 +360,102 @@ def test_results_read_naturally(tmp_path: Path) -> None:
     assert store.verify(1)
     (folder(tmp_path, 1) / "rank-00000.json").write_text("{}")
     assert not store.verify(1)
+
+
+def test_an_interrupted_wait_leaves_the_save_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+    import threading
+
+    release = threading.Event()
+    real_save_file = safetensors.torch.save_file
+
+    def blocked_save_file(*args: object, **kwargs: object) -> None:
+        release.wait(timeout=60)
+        real_save_file(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(safetensors.torch, "save_file", blocked_save_file)
+    store = ht.CheckpointStore(tmp_path)
+    w = torch.zeros(100)
+    store.save_async(1, {"w": w})
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            store.wait()  # blocked on the save: the alarm interrupts it
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    w.fill_(1.0)
+    release.set()
+    store.save_async(2, {"w": w})  # must wait for step 1, not overwrite its staging buffer
+    store.wait()
+    assert torch.equal(store.load(1).tensors["w"], torch.zeros(100))
+    assert torch.equal(store.load(2).tensors["w"], torch.ones(100))
+
+
+def test_a_damaged_checkpoint_is_set_aside_when_its_step_is_saved_again(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    for step in (100, 200, 300):
+        store.save(step, {"w": torch.full((3,), float(step))})
+    (folder(tmp_path, 300) / "rank-00000.json").write_text('{"x": 1}')
+    with pytest.warns(ht.CheckpointFallbackWarning):
+        assert store.load().step == 200
+    store.save(300, {"w": torch.full((3,), 301.0)})  # replayed after the fallback
+    assert torch.equal(store.load().tensors["w"], torch.full((3,), 301.0))
+    aside = [p.name for p in (tmp_path / "checkpoints").iterdir() if ".rejected-" in p.name]
+    assert len(aside) == 1 and aside[0].startswith("step-00000300.rejected-")
+    assert (tmp_path / "checkpoints" / aside[0] / "rank-00000.json").read_text() == '{"x": 1}'
+    events = [r for r in store.events.records if r["event"] == "checkpoint_set_aside"]
+    assert [e["step"] for e in events] == [300]
+    # A fresh process that never loaded it finds the damage by verifying before replacing.
+    (folder(tmp_path, 300) / "rank-00000.json").write_text('{"y": 2}')
+    ht.CheckpointStore(tmp_path).save(300, {"w": torch.full((3,), 302.0)})
+    assert torch.equal(store.load(300).tensors["w"], torch.full((3,), 302.0))
+
+
+def test_a_failed_fsync_after_the_manifest_rename_uncommits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stat
+
+    store = ht.CheckpointStore(tmp_path)
+    store.save(1, {"w": torch.ones(2)})
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.path.exists(f"{path}/MANIFEST.json") \
+                and path.endswith("step-00000002"):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(ht.CheckpointWriteError, match="not committed"):
+        store.save(2, {"w": torch.zeros(2)})
+    monkeypatch.undo()
+    assert not (folder(tmp_path, 2) / "MANIFEST.json").exists()
+    assert store.load().step == 1
+    failed = [r for r in store.events.records if r["event"] == "checkpoint_save_failed"]
+    assert [r["step"] for r in failed] == [2]
+
+
+def test_an_unwritable_events_file_never_fails_a_save(tmp_path: Path) -> None:
+    (tmp_path / "events.jsonl").mkdir(parents=True)  # appending to it fails
+    store = ht.CheckpointStore(tmp_path, keep_last=1)
+    store.save(1, {"w": torch.ones(2)})
+    store.save_async(2, {"w": torch.ones(2)})
+    assert store.wait() is not None
+    assert [i.step for i in store.list()] == [2]
+    assert [r["event"] for r in store.events.records].count("checkpoint_saved") == 2
+
+
+def test_load_of_a_step_that_was_never_committed(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(1, {"w": torch.ones(2)})
+    with pytest.raises(ht.NoCheckpointError, match="for step 5"):
+        store.load(5)

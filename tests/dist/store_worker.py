@@ -21,6 +21,7 @@ import hardtrain as ht
 
 
 def attempt(fn: Any) -> str:
+    """What the call raised, on this rank (errors must come from the same call everywhere)."""
     try:
         fn()
     except ht.CheckpointWriteError as e:
@@ -56,9 +57,29 @@ def main() -> None:
     seen["input_fails"] = attempt(lambda: store.save(4, bad))
     seen["input_fails_async"] = attempt(lambda: (store.save_async(5, bad), store.wait()))
 
+    # The ranks disagree on the step: nobody writes, every rank hears it at the same call.
+    seen["different_steps"] = attempt(lambda: store.save_async(7 if rank == 0 else 6, w(70)))
+
     # The store still works afterwards.
     store.save(6, w(60 + rank), {"rank": rank})
     seen["after_failures"] = store.load().step
+
+    # Storage trouble on one rank while loading (not damage): every rank raises, no hang.
+    real_stat = os.stat
+
+    def stale_stat(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if "MANIFEST" in str(path):
+            raise OSError(116, "Stale file handle")
+        return real_stat(path, *args, **kwargs)
+
+    if rank == 1:
+        os.stat = stale_stat  # type: ignore[assignment]
+    try:
+        ht.CheckpointStore(root).load()
+        seen["load_error"] = "ok"
+    except ht.CheckpointError as e:
+        seen["load_error"] = f"{type(e).__name__}: {e}"
+    os.stat = real_stat  # type: ignore[assignment]
 
     # Rank 1's file of step 6 rots: both ranks fall back to step 2 together.
     if rank == 1:

@@ -1,13 +1,13 @@
 """Checkpoints: where (the store), how (atomic commit, manifest, verify, fallback), async."""
 
-from hardtrain.checkpoint._store import (
+from hardtrain.checkpoint._reports import (
     CheckpointFallbackWarning,
     CheckpointInfo,
-    CheckpointStore,
     FileProblem,
     LoadedCheckpoint,
     VerifyReport,
 )
+from hardtrain.checkpoint._store import CheckpointStore
 
 __all__ = [
     "CheckpointFallbackWarning",

@@ -38,6 +38,12 @@ class Storage(Protocol):
     def read_head(self, path: str, num_bytes: int) -> bytes:
         """The file's first bytes (without fetching the rest)."""
 
+    def digest(self, path: str) -> Digest:
+        """The file's size and checksums, streamed: an I/O error is an OSError."""
+
+    def move(self, path: str, new_path: str) -> None:
+        """Rename a folder (atomic on a local filesystem)."""
+
     def size(self, path: str) -> int | None:
         """The file's size in bytes, or None when it does not exist."""
 
@@ -78,12 +84,12 @@ class LocalStorage:
         final = self._abs(path)
         tmp = _tmp_path(final)
         try:
-            # safetensors (>= 0.6) writes straight from the tensors' memory: no extra copy.
+            # safetensors (>= 0.8) writes straight from the tensors' memory: no extra copy.
             safetensors.torch.save_file(dict(tensors), tmp)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
-                result = _hash_file(fd)  # what landed in the file, not what we meant to write
+                result = _digest_fd(fd)  # what landed in the file, not what we meant to write
             finally:
                 os.close(fd)
             os.replace(tmp, final)
@@ -124,6 +130,17 @@ class LocalStorage:
     def read_head(self, path: str, num_bytes: int) -> bytes:
         with open(self._abs(path), "rb") as f:
             return f.read(num_bytes)
+
+    def digest(self, path: str) -> Digest:
+        fd = os.open(self._abs(path), os.O_RDONLY)
+        try:
+            return _digest_fd(fd)
+        finally:
+            os.close(fd)
+
+    def move(self, path: str, new_path: str) -> None:
+        os.rename(self._abs(path), self._abs(new_path))
+        self.sync_dir(os.path.dirname(self._abs(path)))
 
     def size(self, path: str) -> int | None:
         try:
@@ -181,19 +198,23 @@ def _mapped(fd: int) -> Iterator[memoryview]:
             mapping.close()
 
 
-_HASH_WINDOW = 1 << 20
+_READ_BLOCK = 1 << 20
 
 
-def _hash_file(fd: int) -> Digest:
-    """Size and checksums of a file, mapped 1 MiB at a time so that hashing it adds almost
-    nothing to this process's resident memory."""
-    size = os.fstat(fd).st_size
+def _digest_fd(fd: int) -> Digest:
+    """Size and checksums of a file, read 1 MiB at a time into one reused buffer: no
+    resident memory to speak of, and a disk error is an OSError (a mapping would turn it
+    into SIGBUS)."""
     hasher = Hasher()
-    for offset in range(0, size, _HASH_WINDOW):
-        length = min(_HASH_WINDOW, size - offset)
-        with mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset) as m:
-            hasher.update(m)
-    return hasher.digest()
+    block = bytearray(_READ_BLOCK)
+    view = memoryview(block)
+    offset = 0
+    while True:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            return hasher.digest()
+        hasher.update(view[:n])
+        offset += n
 
 
 class FsspecStorage:
@@ -217,6 +238,16 @@ class FsspecStorage:
 
     def read_head(self, path: str, num_bytes: int) -> bytes:
         return bytes(self.fs.cat_file(self._abs(path), start=0, end=num_bytes))
+
+    def digest(self, path: str) -> Digest:
+        hasher = Hasher()
+        with self.fs.open(self._abs(path), "rb", block_size=_READ_BLOCK) as f:
+            while block := f.read(_READ_BLOCK):
+                hasher.update(block)
+        return hasher.digest()
+
+    def move(self, path: str, new_path: str) -> None:
+        self.fs.mv(self._abs(path), self._abs(new_path), recursive=True)
 
     def size(self, path: str) -> int | None:
         target = self._abs(path)

@@ -5,18 +5,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import torch
 
 from hardtrain import _dist
 from hardtrain.checkpoint._format import (
+    CHUNK_BYTES,
     MANIFEST,
     Digest,
     FileEntry,
@@ -33,7 +34,14 @@ from hardtrain.checkpoint._format import (
     step_dir_name,
     tensors_file,
 )
-from hardtrain.checkpoint._read import TensorRead, check_chunks, read_json, read_tensors
+from hardtrain.checkpoint._read import TensorRead, read_json, read_tensors
+from hardtrain.checkpoint._reports import (
+    CheckpointFallbackWarning,
+    CheckpointInfo,
+    FileProblem,
+    LoadedCheckpoint,
+    VerifyReport,
+)
 from hardtrain.checkpoint._staging import StagedTensors, StagingBuffer
 from hardtrain.checkpoint._storage import LocalStorage, Storage, open_storage
 from hardtrain.errors import (
@@ -52,72 +60,7 @@ _CHECKPOINTS = "checkpoints"
 _Steps = list[int]  # aliases: inside the class, `list` is the method
 
 
-class CheckpointFallbackWarning(UserWarning):
-    """A committed checkpoint failed verification and an older one is used instead."""
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One checkpoint folder, as its manifest describes it (nothing read beyond that)."""
-
-    step: int
-    path: str
-    committed: bool
-    created: datetime | None = None
-    num_bytes: int | None = None
-    world_size: int | None = None
-    problem: str | None = None  # why the manifest could not be read, if it could not
-
-
-@dataclass(frozen=True)
-class FileProblem:
-    file: str
-    reason: str  # missing | wrong size | wrong checksum | unreadable | not committed | manifest
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.reason} ({self.detail})"
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """Every file of one checkpoint checked against its manifest."""
-
-    step: int
-    path: str
-    problems: tuple[FileProblem, ...]
-    ignored: tuple[str, ...] = ()  # files in the folder the manifest does not name
-    num_files: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def __str__(self) -> str:
-        folder = step_dir_name(self.step)
-        if self.ok:
-            return f"{folder}: ok, {self.num_files} files verified"
-        return f"{folder}: " + "; ".join(str(p) for p in self.problems)
-
-
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    """What ``load`` returns; also unpacks as ``tensors, state = store.load()``."""
-
-    step: int
-    tensors: dict[str, torch.Tensor]
-    state: dict[str, Any]
-    path: str = field(default="")
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.tensors, self.state))
-
-
 _Problems = list[FileProblem]
-_Strings = list[str]
 
 
 @dataclass
@@ -125,6 +68,7 @@ class _Attempt:
     loaded: LoadedCheckpoint | None = None
     problems: _Problems = field(default_factory=list)
     mismatch: str | None = None
+    error: str | None = None  # something other than the checkpoint went wrong (I/O, ...)
     touched: bool = False  # out= received bytes of a file that then failed verification
 
 
@@ -140,9 +84,8 @@ def _touched_note(folder: str) -> str:
 @dataclass
 class _Job:
     step: int
-    staged: StagedTensors | None
+    staged: StagedTensors
     state_json: bytes
-    local_error: str | None  # the foreground failed: this rank only votes "no"
     blocking_s: float
 
 
@@ -154,10 +97,12 @@ class CheckpointStore:
     previous checkpoint when the newest is damaged. Every call first finishes the save in
     flight and raises its error if it failed: a background failure is never swallowed.
 
-    With torch.distributed initialised, ``save``, ``save_async``, ``wait`` and ``load`` are
-    collective: every rank must call them in the same order. Every rank writes its own
-    files into the shared step folder; rank 0 commits once every rank reported success.
-    ``root`` must then be storage that every rank sees (a shared filesystem or a bucket).
+    With torch.distributed initialised, ``save``, ``save_async`` and ``load`` are
+    collective: every rank must call them in the same order, with the same step. Every
+    rank writes its own files into the shared step folder; rank 0 commits once every rank
+    reported success, and any failure is every rank's ``CheckpointWriteError``, raised by
+    the same call on every rank. ``root`` must then be storage that every rank sees (a
+    shared filesystem or a bucket).
 
     keep_last: number of committed checkpoints to keep (>= 1), or None to keep all.
     events: where events go; by default ``<root>/events.jsonl`` for a local root, and
@@ -188,7 +133,6 @@ class CheckpointStore:
         self._rejected: dict[int, str] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[CheckpointInfo] | None = None
-        self._inflight_raised = False  # its error already reached the caller
         self._group: Any = None
 
     # ----------------------------------------------------------------------------- save
@@ -222,21 +166,21 @@ class CheckpointStore:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="hardtrain-checkpoint")
         self._inflight = self._executor.submit(self._persist, job)
-        self._inflight_raised = job.local_error is not None
-        if job.local_error is not None:  # the other ranks still get this rank's "no" vote
-            raise CheckpointWriteError(f"step {step}: {job.local_error}; nothing was committed.")
 
     def wait(self) -> CheckpointInfo | None:
-        """Block until the save in flight is committed; raise its error if it failed."""
-        inflight, self._inflight = self._inflight, None
+        """Block until the save in flight is committed; raise its error if it failed.
+
+        Interrupted (Ctrl-C, a signal handler that raises), the save stays in flight and
+        the next call waits for it again: two saves never overlap.
+        """
+        inflight = self._inflight
         if inflight is None:
             return None
         try:
             return inflight.result()
-        except BaseException:
-            if self._inflight_raised:
-                return None
-            raise
+        finally:
+            if inflight.done():
+                self._inflight = None
 
     def close(self) -> None:
         """Finish the save in flight and stop the background thread."""
@@ -261,103 +205,147 @@ class CheckpointStore:
         *,
         stage: bool,
     ) -> _Job:
-        """Validate and (when asked) stage. Distributed, a failure here becomes this rank's
-        "no" vote so that the other ranks do not wait for it forever."""
-        _, world_size = _dist.rank_and_world_size()
+        """Validate, stage (when asked) and clear the way for ``step``. Distributed, the
+        ranks then agree (one small all-gather) before anything is written: a failure or a
+        different step on any rank is every rank's error, raised here."""
+        rank, world_size = _dist.rank_and_world_size()
         if world_size > 1 and self._group is None:
             self._group = _dist.new_cpu_group()
         started = time.perf_counter()
+        staged, state_json, error = StagedTensors({}, []), b"", None
         try:
             _check_step(step)
-            if self._manifest_exists(step):
-                raise CheckpointError(
-                    f"{self._folder_path(step)} is already committed; saving step {step} again "
-                    "would replace a good checkpoint. Save a later step, or delete that folder "
-                    "by hand if you really mean to replace it."
-                )
             check_tensors(tensors)
             state_json = encode_state(state or {})
             if stage:
                 staged = self._staging.stage(tensors)
             else:
                 staged = StagedTensors({k: t.contiguous() for k, t in tensors.items()}, [])
+            if rank == 0:
+                self._clear_way(step)
         except Exception as e:
             if world_size == 1:
                 raise
-            return _Job(step, None, b"", f"{type(e).__name__}: {e}", 0.0)
-        return _Job(step, staged, state_json, None, time.perf_counter() - started)
+            error = f"{type(e).__name__}: {e}"
+        if world_size > 1:
+            votes = self._gather({"step": step if isinstance(step, int) else None, "error": error})
+            problems = [f"rank {r}: {v['error']}" for r, v in enumerate(votes) if v["error"]]
+            if len({v["step"] for v in votes}) > 1:
+                steps = ", ".join(f"rank {r} step {v['step']}" for r, v in enumerate(votes))
+                problems.append(f"the ranks asked for different steps ({steps})")
+            if problems:
+                raise CheckpointWriteError(
+                    f"step {step} not saved on any rank: " + "; ".join(problems)
+                    + "; nothing was written and earlier checkpoints are untouched."
+                )
+        return _Job(step, staged, state_json, time.perf_counter() - started)
+
+    def _clear_way(self, step: int) -> None:
+        """Refuse to replace a committed checkpoint that verifies; set a damaged one aside
+        (renamed, invisible to loading, kept for diagnosis) so that its step can be saved
+        again after a fallback."""
+        if not self._manifest_exists(step):
+            return
+        if step not in self._rejected:
+            report = self.verify(step)
+            if report.ok:
+                raise CheckpointError(
+                    f"{self._folder_path(step)} is already committed and verifies; saving step "
+                    f"{step} again would replace a good checkpoint. Save a later step, or move "
+                    "that folder away by hand if you really mean to replace it."
+                )
+            self._rejected[step] = "; ".join(map(str, report.problems))
+        folder = f"{_CHECKPOINTS}/{step_dir_name(step)}"
+        aside = f"{folder}.rejected-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+        self._storage.move(folder, aside)
+        self.events.record(
+            "checkpoint_set_aside", level=logging.WARNING, step=step,
+            to=f"{self.root.rstrip('/')}/{aside}", reason=self._rejected[step],
+        )
 
     def _persist(self, job: _Job) -> CheckpointInfo:
         """Write this rank's files, vote, and (rank 0) commit. Runs in the background thread
-        for save_async."""
+        for save_async. Every rank makes the same collective calls on every path."""
         started = time.perf_counter()
         rank, world_size = _dist.rank_and_world_size()
         folder = f"{_CHECKPOINTS}/{step_dir_name(job.step)}"
-        report: dict[str, Any] = {"error": job.local_error, "files": []}
-        if job.staged is not None:
-            try:
-                job.staged.ready()
-                self._storage.makedirs(folder)
-                written = {
-                    tensors_file(rank): self._storage.write_tensors(
-                        f"{folder}/{tensors_file(rank)}", job.staged.tensors
-                    ),
-                    state_file(rank): self._storage.write_bytes(
-                        f"{folder}/{state_file(rank)}", job.state_json
-                    ),
-                }
-                report["files"] = [
-                    [name, d.num_bytes, d.checksum, list(d.chunks)] for name, d in written.items()
-                ]
-                self._storage.sync_dir(folder)
-            except Exception as e:
-                report["error"] = f"{type(e).__name__}: {e}"
+        report: dict[str, Any] = {"step": job.step, "error": None, "files": []}
+        try:
+            job.staged.ready()
+            self._storage.makedirs(folder)
+            written = {
+                tensors_file(rank): self._storage.write_tensors(
+                    f"{folder}/{tensors_file(rank)}", job.staged.tensors
+                ),
+                state_file(rank): self._storage.write_bytes(
+                    f"{folder}/{state_file(rank)}", job.state_json
+                ),
+            }
+            report["files"] = [
+                [name, d.num_bytes, d.checksum, list(d.chunks)] for name, d in written.items()
+            ]
+            self._storage.sync_dir(folder)
+        except Exception as e:
+            report["error"] = f"{type(e).__name__}: {e}"
         reports = self._gather(report)
         failed = {r: rep["error"] for r, rep in enumerate(reports) if rep["error"] is not None}
+        failed.update({r: f"saved step {rep['step']}" for r, rep in enumerate(reports)
+                       if rep["step"] != job.step})
         if failed:
-            raise CheckpointWriteError(
-                f"{self._folder_path(job.step)}: write failed on rank(s) "
-                + ", ".join(f"{r} ({err})" for r, err in failed.items())
-                + "; nothing was committed and earlier checkpoints are untouched."
-            )
-        commit_error = None
-        if rank == 0:
-            commit_error = self._commit(job.step, world_size, reports)
+            self._fail(job.step, "write failed on rank(s) " + ", ".join(
+                f"{r} ({err})" for r, err in failed.items()
+            ) + "; nothing was committed and earlier checkpoints are untouched.")
+        commit_error = self._commit(job.step, world_size, reports) if rank == 0 else None
         commit_error = self._gather(commit_error)[0]
         if commit_error is not None:
-            raise CheckpointWriteError(
-                f"{self._folder_path(job.step)}: writing the manifest failed ({commit_error}); "
-                "the checkpoint is not committed and earlier checkpoints are untouched."
-            )
+            self._fail(job.step, f"writing the manifest failed ({commit_error}); the checkpoint "
+                       "is not committed and earlier checkpoints are untouched.")
+        self._rejected.pop(job.step, None)  # a new checkpoint: the damaged one is set aside
+        if rank == 0:
+            self._clean_up(job.step)
         num_bytes = sum(file[1] for rep in reports for file in rep["files"])
-        persist_s = time.perf_counter() - started
         self.events.record(
             "checkpoint_saved", step=job.step, bytes=num_bytes,
-            blocking_s=round(job.blocking_s, 6), persist_s=round(persist_s, 6),
+            blocking_s=round(job.blocking_s, 6),
+            persist_s=round(time.perf_counter() - started, 6),
         )
         return CheckpointInfo(
             job.step, self._folder_path(job.step), True, num_bytes=num_bytes, world_size=world_size
         )
 
+    def _fail(self, step: int, reason: str) -> None:
+        message = f"{self._folder_path(step)}: {reason}"
+        self.events.record("checkpoint_save_failed", level=logging.ERROR, step=step, error=reason)
+        raise CheckpointWriteError(message)
+
     def _commit(self, step: int, world_size: int, reports: list[dict[str, Any]]) -> str | None:
-        folder = f"{_CHECKPOINTS}/{step_dir_name(step)}"
+        """Write the manifest; None when committed, else why not (and then no manifest)."""
+        path = f"{_CHECKPOINTS}/{step_dir_name(step)}/{MANIFEST}"
         files = [
             FileEntry(name, rank, Digest(num_bytes, whole, tuple(chunks)))
             for rank, rep in enumerate(reports)
             for name, num_bytes, whole, chunks in rep["files"]
         ]
         try:
-            manifest = encode_manifest(step, world_size, files)
-            self._storage.write_bytes(f"{folder}/{MANIFEST}", manifest)
-            self._storage.sync_dir(folder)
+            self._storage.write_bytes(path, encode_manifest(step, world_size, files))
+            self._storage.sync_dir(path.rsplit("/", 1)[0])
         except Exception as e:
+            with contextlib.suppress(OSError):  # renamed but not durable: undo the commit
+                self._storage.remove(path)
             return f"{type(e).__name__}: {e}"
-        try:
-            self._remove_stale(folder)
-            self._prune(step)
-        except Exception as e:  # retention is housekeeping: never fail a committed save
-            self.events.record("checkpoint_prune_failed", level=logging.WARNING, error=str(e))
         return None
+
+    def _clean_up(self, step: int) -> None:
+        """After a commit: the store's temporary files, then retention. Housekeeping never
+        fails a committed save; a failure is an event."""
+        try:
+            self._remove_stale(f"{_CHECKPOINTS}/{step_dir_name(step)}")
+            self._prune(step)
+        except Exception as e:
+            self.events.record(
+                "checkpoint_prune_failed", level=logging.WARNING, step=step,
+                error=f"{type(e).__name__}: {e}",
+            )
 
     def _gather(self, obj: Any) -> list[Any]:
         if self._group is None or not _dist.is_distributed():
@@ -432,6 +420,7 @@ class CheckpointStore:
         self.wait()
         problems: _Problems = []
         num_files = 0
+        manifest: Manifest | None = None
         try:
             manifest = self._read_manifest(step)
         except FileNotFoundError:
@@ -445,8 +434,9 @@ class CheckpointStore:
                 problem = self._check_file(step, entry, manifest.chunk_bytes)
                 if problem is not None:
                     problems.append(problem)
+        named = set(manifest.files) if manifest is not None else set()
         return VerifyReport(
-            step, self._folder_path(step), tuple(problems), self._ignored(step), num_files
+            step, self._folder_path(step), tuple(problems), self._ignored(step, named), num_files
         )
 
     def latest(self) -> CheckpointInfo | None:
@@ -460,7 +450,7 @@ class CheckpointStore:
             report = self.verify(info.step)
             if report.ok:
                 return info
-            self._reject(info.step, report.problems)
+            self._reject(info.step, report.problems, report.problems[0].file)
         return None
 
     # ----------------------------------------------------------------------------- load
@@ -491,51 +481,72 @@ class CheckpointStore:
         collective = world_size > 1 and rank is None
         if collective and self._group is None:
             self._group = _dist.new_cpu_group()
-        if step is None:
-            candidates = [
-                s for s in reversed(self._steps())
-                if s not in self._rejected and self._manifest_exists(s)
-            ]
-        else:
+        if step is not None:
             _check_step(step)
-            candidates = [step]
+        candidates, error = None, None
+        if own_rank == 0 or not collective:  # rank 0 lists; every rank tries the same steps
+            try:
+                candidates = self._candidates(step)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
         if collective:
-            candidates = self._gather(candidates)[0]  # rank 0's view, the same on every rank
+            candidates, error = self._gather([candidates, error])[0]
+        if error is not None or candidates is None:
+            raise CheckpointError(f"cannot list the checkpoints under {self.root}: {error}")
+        if not candidates:
+            what = f"for step {step}" if step is not None else "(there is none)"
+            raise NoCheckpointError(f"no committed checkpoint under {self.root} {what}.")
         read_rank, expected_world = (own_rank, world_size) if rank is None else (rank, None)
         touched = ""  # the step whose unverified bytes reached out=, if any
         for candidate in candidates:
-            attempt = self._load_one(candidate, read_rank, expected_world, out)
+            try:
+                attempt = self._load_one(candidate, read_rank, expected_world, out)
+            except Exception as e:  # I/O trouble, not damage: every rank must hear of it
+                attempt = _Attempt(error=f"{type(e).__name__}: {e}")
             touched = step_dir_name(candidate) if attempt.touched else touched
-            outcome = [attempt.mismatch, [str(p) for p in attempt.problems]]
-            outcomes = self._gather(outcome) if collective else [outcome]
-            mismatches = [f"rank {r}: {m}" for r, (m, _) in enumerate(outcomes) if m]
-            if mismatches:
+            summary = {
+                "error": attempt.error, "mismatch": attempt.mismatch,
+                "problems": [str(p) for p in attempt.problems],
+                "files": [p.file for p in attempt.problems],
+            }
+            summaries = self._gather(summary) if collective else [summary]
+            if errors := _collect(summaries, "error", collective):
+                raise CheckpointError(
+                    f"loading {self._folder_path(candidate)} failed: " + "; ".join(errors)
+                    + ". Nothing was rejected; fix the storage and retry." + _touched_note(touched)
+                )
+            if mismatches := _collect(summaries, "mismatch", collective):
                 raise CheckpointMismatchError(
                     f"{self._folder_path(candidate)} does not fit: " + "; ".join(mismatches)
                     + _touched_note(touched)
                 )
-            all_problems = [f"rank {r}: {p}" for r, (_, ps) in enumerate(outcomes) for p in ps]
-            if not all_problems and attempt.loaded is not None:
+            problems = _collect(summaries, "problems", collective)
+            if not problems and attempt.loaded is not None:
                 self.events.record("checkpoint_loaded", step=candidate)
                 return attempt.loaded
             if step is not None:
                 raise CheckpointCorruptError(
                     f"{self._folder_path(candidate)} failed verification: "
-                    + "; ".join(all_problems)
+                    + "; ".join(problems)
                     + ". Load another step, or call load() to fall back to the newest good one."
                     + _touched_note(touched)
                 )
-            self._reject(candidate, attempt.problems or all_problems)
-        if not self._rejected:
-            raise NoCheckpointError(
-                f"no committed checkpoint under {self.root}/{_CHECKPOINTS} (there is none)."
-            )
+            self._reject(candidate, problems, next(iter(_collect(summaries, "files", False)), None))
         rejected = "; ".join(f"{step_dir_name(s)}: {r}" for s, r in sorted(self._rejected.items()))
         raise CheckpointCorruptError(
             f"every committed checkpoint under {self.root}/{_CHECKPOINTS} failed verification "
             f"({rejected}). Restore one from a backup; to start over on purpose, move them "
             "away first." + _touched_note(touched)
         )
+
+    def _candidates(self, step: int | None) -> _Steps:
+        """Committed steps to try, newest first: all not yet rejected, or just ``step``."""
+        if step is not None:
+            return [step] if self._manifest_exists(step) else []
+        return [
+            s for s in reversed(self._steps())
+            if s not in self._rejected and self._manifest_exists(s)
+        ]
 
     def _load_one(
         self,
@@ -608,10 +619,10 @@ class CheckpointStore:
                     entry.name, "wrong size",
                     f"{size} bytes, manifest says {entry.num_bytes}{hint}",
                 )
-            with self._storage.read(path) as view:
-                if read is None:
-                    bad = check_chunks(view, entry.digest.chunks, chunk_bytes)
-                else:
+            if read is None:
+                bad = _compare(self._storage.digest(path), entry.digest, chunk_bytes)
+            else:
+                with self._storage.read(path) as view:
                     bad = read(view)
             if bad is not None:
                 return FileProblem(entry.name, "wrong checksum", bad)
@@ -619,18 +630,16 @@ class CheckpointStore:
             return FileProblem(entry.name, "unreadable", f"{type(e).__name__}: {e}")
         return None
 
-    def _reject(self, step: int, problems: Any) -> None:
-        reasons = [str(p) for p in problems]
-        first = problems[0] if problems else None
-        self._rejected[step] = "; ".join(reasons)
+    def _reject(self, step: int, problems: Sequence[object], file: str | None) -> None:
+        self._rejected[step] = "; ".join(map(str, problems))
         message = (
             f"{self._folder_path(step)}: {self._rejected[step]}; ignoring it and falling back "
             f"to the previous checkpoint. See {CHECKPOINT_RUNBOOK}"
         )
         warnings.warn(message, CheckpointFallbackWarning, stacklevel=3)
         self.events.record(
-            "checkpoint_rejected", level=logging.WARNING, step=step,
-            file=getattr(first, "file", None), reason=self._rejected[step],
+            "checkpoint_rejected", level=logging.WARNING, step=step, file=file,
+            reason=self._rejected[step],
         )
 
     def _read_manifest(self, step: int) -> Manifest:
@@ -651,14 +660,11 @@ class CheckpointStore:
         names = self._storage.listdir(_CHECKPOINTS) or []
         return sorted(s for s in map(parse_step_dir, names) if s is not None)
 
-    def _ignored(self, step: int) -> tuple[str, ...]:
+    def _ignored(self, step: int, named: set[str]) -> tuple[str, ...]:
         """Files in the folder that the manifest does not name: never loaded. A pickle
         among them is named as such, and it is never opened beyond its first bytes."""
         folder = f"{_CHECKPOINTS}/{step_dir_name(step)}"
-        try:
-            named = set(self._read_manifest(step).files) | {MANIFEST}
-        except (FileNotFoundError, ManifestError):
-            named = {MANIFEST}
+        named = named | {MANIFEST}
         ignored = []
         for name in sorted(self._storage.listdir(folder) or []):
             if name in named or is_tmp_name(name):
@@ -677,6 +683,32 @@ class CheckpointStore:
 def _check_step(step: Any) -> None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step={step!r}: must be an int >= 0")
+
+
+def _collect(summaries: Sequence[dict[str, Any]], key: str, by_rank: bool) -> list[str]:
+    """The non-empty ``key`` values of every rank's summary, labelled by rank if asked."""
+    found = []
+    for rank, summary in enumerate(summaries):
+        value = summary[key]
+        for item in value if isinstance(value, list) else [value]:
+            if item:
+                found.append(f"rank {rank}: {item}" if by_rank else str(item))
+    return found
+
+
+def _compare(actual: Digest, expected: Digest, chunk_bytes: int) -> str | None:
+    """Where two digests of a file differ, for the message; None when they agree."""
+    if chunk_bytes == CHUNK_BYTES:
+        for index, (mine, theirs) in enumerate(zip(actual.chunks, expected.chunks, strict=False)):
+            if mine != theirs:
+                start = index * chunk_bytes
+                end = min(start + chunk_bytes, actual.num_bytes)
+                return f"bytes {start}..{end}: xxh3_128 {mine}, manifest says {theirs}"
+        if len(actual.chunks) != len(expected.chunks):
+            return f"{len(actual.chunks)} chunks, manifest lists {len(expected.chunks)}"
+    if actual.checksum != expected.checksum:
+        return f"xxh3_128 {actual.checksum}, manifest says {expected.checksum}"
+    return None
 
 
 def _shares_storage(tensors: Mapping[str, torch.Tensor]) -> bool:
