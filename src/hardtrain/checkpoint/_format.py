@@ -325,3 +325,41 @@ def encode_state(state: Mapping[str, Any]) -> bytes:
             )
     check(dict(state), "state")
     return json.dumps(state, sort_keys=True).encode()
+
+
+def check_step(step: Any) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step={step!r}: must be an int >= 0")
+
+
+def compare_digests(actual: Digest, expected: Digest, chunk_bytes: int) -> str | None:
+    """Where two digests of a file differ, for the message; None when they agree."""
+    if chunk_bytes == CHUNK_BYTES:
+        for index, (mine, theirs) in enumerate(zip(actual.chunks, expected.chunks, strict=False)):
+            if mine != theirs:
+                start = index * chunk_bytes
+                end = min(start + chunk_bytes, actual.num_bytes)
+                return f"bytes {start}..{end}: xxh3_128 {mine}, manifest says {theirs}"
+        if len(actual.chunks) != len(expected.chunks):
+            return f"{len(actual.chunks)} chunks, manifest lists {len(expected.chunks)}"
+    if actual.checksum != expected.checksum:
+        return f"xxh3_128 {actual.checksum}, manifest says {expected.checksum}"
+    return None
+
+
+def manifest_gaps(manifest: Manifest) -> list[tuple[str, str, str]]:
+    """(file, reason, detail) for each rank of the manifest's world whose two files are
+    not both listed, and for each file of a rank outside that world."""
+    listed = set(manifest.files)
+    problems = [
+        (name, "missing", f"the manifest lists no file for rank {rank}")
+        for rank in range(manifest.world_size)
+        for name in (tensors_file(rank), state_file(rank))
+        if name not in listed
+    ]
+    problems += [
+        (e.name, "manifest", f"rank {e.rank} outside world size {manifest.world_size}")
+        for e in manifest.files.values()
+        if not 0 <= e.rank < manifest.world_size
+    ]
+    return problems

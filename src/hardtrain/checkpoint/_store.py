@@ -17,18 +17,20 @@ import torch
 
 from hardtrain import _dist
 from hardtrain.checkpoint._format import (
-    CHUNK_BYTES,
     MANIFEST,
     Digest,
     FileEntry,
     Manifest,
     ManifestError,
+    check_step,
     check_tensors,
+    compare_digests,
     decode_manifest,
     encode_manifest,
     encode_state,
     is_tmp_name,
     looks_like_pickle,
+    manifest_gaps,
     parse_step_dir,
     state_file,
     step_dir_name,
@@ -214,7 +216,7 @@ class CheckpointStore:
         started = time.perf_counter()
         staged, state_json, error = StagedTensors({}, []), b"", None
         try:
-            _check_step(step)
+            check_step(step)
             check_tensors(tensors)
             state_json = encode_state(state or {})
             if stage:
@@ -428,7 +430,7 @@ class CheckpointStore:
         except ManifestError as e:
             problems.append(FileProblem(MANIFEST, "manifest", str(e)))
         else:
-            problems += _completeness(manifest)
+            problems += [FileProblem(*gap) for gap in manifest_gaps(manifest)]
             for entry in manifest.files.values():
                 num_files += 1
                 problem = self._check_file(step, entry, manifest.chunk_bytes)
@@ -482,7 +484,7 @@ class CheckpointStore:
         if collective and self._group is None:
             self._group = _dist.new_cpu_group()
         if step is not None:
-            _check_step(step)
+            check_step(step)
         candidates, error = None, None
         if own_rank == 0 or not collective:  # rank 0 lists; every rank tries the same steps
             try:
@@ -567,7 +569,7 @@ class CheckpointStore:
                 f"written by {manifest.world_size} rank(s), this job has {world_size}; resume "
                 "with the same world size (or pass rank= to read one rank's files)"
             ))
-        problems = _completeness(manifest)
+        problems = [FileProblem(*gap) for gap in manifest_gaps(manifest)]
         tensor_entry = manifest.files.get(tensors_file(rank))
         state_entry = manifest.files.get(state_file(rank))
         if problems or tensor_entry is None or state_entry is None:
@@ -620,7 +622,7 @@ class CheckpointStore:
                     f"{size} bytes, manifest says {entry.num_bytes}{hint}",
                 )
             if read is None:
-                bad = _compare(self._storage.digest(path), entry.digest, chunk_bytes)
+                bad = compare_digests(self._storage.digest(path), entry.digest, chunk_bytes)
             else:
                 with self._storage.read(path) as view:
                     bad = read(view)
@@ -680,10 +682,6 @@ class CheckpointStore:
 
 
 
-def _check_step(step: Any) -> None:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step={step!r}: must be an int >= 0")
-
 
 def _collect(summaries: Sequence[dict[str, Any]], key: str, by_rank: bool) -> list[str]:
     """The non-empty ``key`` values of every rank's summary, labelled by rank if asked."""
@@ -696,20 +694,6 @@ def _collect(summaries: Sequence[dict[str, Any]], key: str, by_rank: bool) -> li
     return found
 
 
-def _compare(actual: Digest, expected: Digest, chunk_bytes: int) -> str | None:
-    """Where two digests of a file differ, for the message; None when they agree."""
-    if chunk_bytes == CHUNK_BYTES:
-        for index, (mine, theirs) in enumerate(zip(actual.chunks, expected.chunks, strict=False)):
-            if mine != theirs:
-                start = index * chunk_bytes
-                end = min(start + chunk_bytes, actual.num_bytes)
-                return f"bytes {start}..{end}: xxh3_128 {mine}, manifest says {theirs}"
-        if len(actual.chunks) != len(expected.chunks):
-            return f"{len(actual.chunks)} chunks, manifest lists {len(expected.chunks)}"
-    if actual.checksum != expected.checksum:
-        return f"xxh3_128 {actual.checksum}, manifest says {expected.checksum}"
-    return None
-
 
 def _shares_storage(tensors: Mapping[str, torch.Tensor]) -> bool:
     storages = [
@@ -720,19 +704,3 @@ def _shares_storage(tensors: Mapping[str, torch.Tensor]) -> bool:
     return len(set(storages)) != len(storages)
 
 
-def _completeness(manifest: Manifest) -> list[FileProblem]:
-    """Every rank of the manifest's world must have both of its files listed, and no file
-    may belong to a rank outside it."""
-    listed = set(manifest.files)
-    problems = [
-        FileProblem(name, "missing", f"the manifest lists no file for rank {rank}")
-        for rank in range(manifest.world_size)
-        for name in (tensors_file(rank), state_file(rank))
-        if name not in listed
-    ]
-    problems += [
-        FileProblem(e.name, "manifest", f"rank {e.rank} outside world size {manifest.world_size}")
-        for e in manifest.files.values()
-        if not 0 <= e.rank < manifest.world_size
-    ]
-    return problems
