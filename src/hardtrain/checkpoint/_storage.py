@@ -12,7 +12,7 @@ import contextlib
 import mmap
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import fsspec
@@ -81,15 +81,24 @@ class LocalStorage:
         return os.path.join(self.root, path) if path else self.root
 
     def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> Digest:
+        # safetensors (>= 0.8) writes straight from the tensors' memory: no extra copy.
+        return self._write(path, lambda tmp: safetensors.torch.save_file(dict(tensors), tmp))
+
+    def write_bytes(self, path: str, data: bytes) -> Digest:
+        return self._write(path, lambda tmp: _write_new_file(tmp, data))
+
+    def _write(self, path: str, write: Callable[[str], None]) -> Digest:
+        """``write`` a temporary file beside ``path``, fsync it, hash what landed in it (not
+        what was meant to be written), then rename it into place. Nothing is left behind
+        on failure."""
         final = self._abs(path)
         tmp = _tmp_path(final)
         try:
-            # safetensors (>= 0.8) writes straight from the tensors' memory: no extra copy.
-            safetensors.torch.save_file(dict(tensors), tmp)
+            write(tmp)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
-                result = _digest_fd(fd)  # what landed in the file, not what we meant to write
+                digest = _digest_fd(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, final)
@@ -97,26 +106,7 @@ class LocalStorage:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        return result
-
-    def write_bytes(self, path: str, data: bytes) -> Digest:
-        final = self._abs(path)
-        tmp = _tmp_path(final)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return digest_of(data)
+        return digest
 
     @contextlib.contextmanager
     def read(self, path: str) -> Iterator[memoryview]:
@@ -199,6 +189,16 @@ def _mapped(fd: int) -> Iterator[memoryview]:
 
 
 _READ_BLOCK = 1 << 20
+
+
+def _write_new_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _digest_fd(fd: int) -> Digest:
