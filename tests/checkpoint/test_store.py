@@ -459,3 +459,11 @@ def test_load_of_a_step_that_was_never_committed(tmp_path: Path) -> None:
     store.save(1, {"w": torch.ones(2)})
     with pytest.raises(ht.NoCheckpointError, match="for step 5"):
         store.load(5)
+
+
+def test_reading_another_ranks_files_from_one_process(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(1, {"w": torch.ones(2)})
+    assert torch.equal(store.load(1, rank=0).tensors["w"], torch.ones(2))
+    with pytest.raises(ht.CheckpointMismatchError, match=r"has ranks 0\.\.0, not rank 3"):
+        store.load(1, rank=3)

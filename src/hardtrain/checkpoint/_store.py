@@ -569,6 +569,8 @@ class CheckpointStore:
                 f"written by {manifest.world_size} rank(s), this job has {world_size}; resume "
                 "with the same world size (or pass rank= to read one rank's files)"
             ))
+        if not 0 <= rank < manifest.world_size:
+            return _Attempt(mismatch=f"has ranks 0..{manifest.world_size - 1}, not rank {rank}")
         problems = [FileProblem(*gap) for gap in manifest_gaps(manifest)]
         tensor_entry = manifest.files.get(tensors_file(rank))
         state_entry = manifest.files.get(state_file(rank))
