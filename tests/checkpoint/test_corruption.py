@@ -151,7 +151,6 @@ def test_every_checkpoint_damaged_is_a_clear_error_not_a_fresh_start(
         store.load()
     assert not isinstance(e.value, ht.NoCheckpointError)  # "start from scratch" must not catch it
     assert "step-00000100" in str(e.value) and "step-00000200" in str(e.value)
-    assert "out=" not in str(e.value)
 
 
 BIG = 2 << 20  # float32 elements: 8 MiB, more than one 4 MiB checksum chunk
@@ -166,7 +165,9 @@ def flip_last_byte(ckpt: Path) -> None:
         f.write(bytes([last ^ 0xFF]))
 
 
-def test_damaged_data_read_into_out_is_overwritten_by_the_fallback(tmp_path: Path) -> None:
+def test_in_place_load_of_damaged_data_falls_back_without_touching_out_first(
+    tmp_path: Path,
+) -> None:
     store = ht.CheckpointStore(tmp_path)
     store.save(100, {"w": torch.full((BIG,), 1.0)})
     store.save(200, {"w": torch.full((BIG,), 2.0)})
@@ -177,14 +178,14 @@ def test_damaged_data_read_into_out_is_overwritten_by_the_fallback(tmp_path: Pat
     assert torch.equal(out["w"], torch.full((BIG,), 1.0))
 
 
-def test_when_nothing_verifies_the_error_says_out_holds_unverified_bytes(tmp_path: Path) -> None:
+def test_when_nothing_verifies_out_is_untouched(tmp_path: Path) -> None:
     store = ht.CheckpointStore(tmp_path)
     store.save(100, {"w": torch.full((BIG,), 1.0)})
     flip_last_byte(folder(tmp_path, 100))
     out = {"w": torch.full((BIG,), -5.0)}
-    with pytest.warns(ht.CheckpointFallbackWarning), pytest.raises(ht.CheckpointCorruptError) as e:
+    with pytest.warns(ht.CheckpointFallbackWarning), pytest.raises(ht.CheckpointCorruptError):
         ht.CheckpointStore(tmp_path).load(out=out)
-    assert "out= hold unverified bytes from step-00000100" in str(e.value)
+    assert torch.equal(out["w"], torch.full((BIG,), -5.0))
 
 
 def test_a_damaged_header_is_a_checksum_problem_and_touches_nothing(
@@ -196,9 +197,8 @@ def test_a_damaged_header_is_a_checksum_problem_and_touches_nothing(
     path.write_bytes(bytes(data))
     store = ht.CheckpointStore(tmp_path)
     out = {"w": torch.full((64, 64), -5.0)}
-    with pytest.raises(ht.CheckpointCorruptError, match="wrong checksum") as e:
+    with pytest.raises(ht.CheckpointCorruptError, match="wrong checksum"):
         store.load(200, out=out)
-    assert "out=" not in str(e.value)
     assert torch.equal(out["w"], torch.full((64, 64), -5.0))
 
 

@@ -71,16 +71,6 @@ class _Attempt:
     problems: _Problems = field(default_factory=list)
     mismatch: str | None = None
     error: str | None = None  # something other than the checkpoint went wrong (I/O, ...)
-    touched: bool = False  # out= received bytes of a file that then failed verification
-
-
-def _touched_note(folder: str) -> str:
-    if not folder:
-        return ""
-    return (
-        f" The tensors passed as out= hold unverified bytes from {folder}: reinitialise "
-        "them before using them."
-    )
 
 
 @dataclass
@@ -470,10 +460,8 @@ class CheckpointStore:
             past damaged ones (each rejected with a warning and an event); NoCheckpointError
             when none is committed, CheckpointCorruptError when every one is damaged. A
             number loads that step or raises CheckpointCorruptError.
-        out: tensors to fill in place (same names, shapes and dtypes as saved). Names,
-            shapes and dtypes are checked before any byte is copied; bytes are verified as
-            they are copied, so a damaged file can leave them partly written: then the
-            fallback overwrites them, or the error says so.
+        out: tensors to fill in place (same names, shapes and dtypes as saved). The file
+            is verified, and checked against them, before any of them is touched.
         rank: read another rank's files from a single process (inspection); not collective.
 
         Collective when distributed and ``rank`` is None.
@@ -499,13 +487,11 @@ class CheckpointStore:
             what = f"for step {step}" if step is not None else "(there is none)"
             raise NoCheckpointError(f"no committed checkpoint under {self.root} {what}.")
         read_rank, expected_world = (own_rank, world_size) if rank is None else (rank, None)
-        touched = ""  # the step whose unverified bytes reached out=, if any
         for candidate in candidates:
             try:
                 attempt = self._load_one(candidate, read_rank, expected_world, out)
             except Exception as e:  # I/O trouble, not damage: every rank must hear of it
                 attempt = _Attempt(error=f"{type(e).__name__}: {e}")
-            touched = step_dir_name(candidate) if attempt.touched else touched
             summary = {
                 "error": attempt.error, "mismatch": attempt.mismatch,
                 "problems": [str(p) for p in attempt.problems],
@@ -515,12 +501,11 @@ class CheckpointStore:
             if errors := _collect(summaries, "error", collective):
                 raise CheckpointError(
                     f"loading {self._folder_path(candidate)} failed: " + "; ".join(errors)
-                    + ". Nothing was rejected; fix the storage and retry." + _touched_note(touched)
+                    + ". Nothing was rejected; fix the storage and retry."
                 )
             if mismatches := _collect(summaries, "mismatch", collective):
                 raise CheckpointMismatchError(
                     f"{self._folder_path(candidate)} does not fit: " + "; ".join(mismatches)
-                    + _touched_note(touched)
                 )
             problems = _collect(summaries, "problems", collective)
             if not problems and attempt.loaded is not None:
@@ -531,14 +516,13 @@ class CheckpointStore:
                     f"{self._folder_path(candidate)} failed verification: "
                     + "; ".join(problems)
                     + ". Load another step, or call load() to fall back to the newest good one."
-                    + _touched_note(touched)
                 )
             self._reject(candidate, problems, next(iter(_collect(summaries, "files", False)), None))
         rejected = "; ".join(f"{step_dir_name(s)}: {r}" for s, r in sorted(self._rejected.items()))
         raise CheckpointCorruptError(
             f"every committed checkpoint under {self.root}/{_CHECKPOINTS} failed verification "
             f"({rejected}). Restore one from a backup; to start over on purpose, move them "
-            "away first." + _touched_note(touched)
+            "away first."
         )
 
     def _candidates(self, step: int | None) -> _Steps:
@@ -596,7 +580,7 @@ class CheckpointStore:
         for entry in own:  # every file of this rank is verified; the two known ones are read
             problem = self._check_file(step, entry, manifest.chunk_bytes, readers.get(entry.name))
             if problem is not None:
-                return _Attempt(problems=[problem], touched=read.touched)
+                return _Attempt(problems=[problem])
             if read.mismatch:
                 return _Attempt(mismatch="; ".join(read.mismatch))
         return _Attempt(LoadedCheckpoint(step, read.tensors, state, self._folder_path(step)))
