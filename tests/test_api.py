@@ -13,15 +13,20 @@ PUBLIC = [
     "CheckpointFallbackWarning",
     "CheckpointInfo",
     "CheckpointMismatchError",
+    "CheckpointPolicy",
     "CheckpointStore",
     "CheckpointWriteError",
     "EventLog",
     "FileProblem",
+    "FitResult",
+    "HardenedTrainer",
     "HardtrainError",
     "LoadedCheckpoint",
     "NoCheckpointError",
     "VerifyReport",
     "__version__",
+    "seed_everything",
+    "set_deterministic",
 ]
 
 

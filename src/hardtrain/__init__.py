@@ -6,11 +6,13 @@ Importing hardtrain has no side effects: no handlers, no logging set-up, no env 
 from hardtrain.checkpoint import (
     CheckpointFallbackWarning,
     CheckpointInfo,
+    CheckpointPolicy,
     CheckpointStore,
     FileProblem,
     LoadedCheckpoint,
     VerifyReport,
 )
+from hardtrain.determinism import seed_everything, set_deterministic
 from hardtrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -20,6 +22,7 @@ from hardtrain.errors import (
     NoCheckpointError,
 )
 from hardtrain.telemetry import EventLog
+from hardtrain.trainer import FitResult, HardenedTrainer
 
 __version__ = "0.1.0"
 
@@ -29,13 +32,18 @@ __all__ = [
     "CheckpointFallbackWarning",
     "CheckpointInfo",
     "CheckpointMismatchError",
+    "CheckpointPolicy",
     "CheckpointStore",
     "CheckpointWriteError",
     "EventLog",
     "FileProblem",
+    "FitResult",
+    "HardenedTrainer",
     "HardtrainError",
     "LoadedCheckpoint",
     "NoCheckpointError",
     "VerifyReport",
     "__version__",
+    "seed_everything",
+    "set_deterministic",
 ]

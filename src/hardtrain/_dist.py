@@ -49,3 +49,13 @@ def all_gather_json(obj: Any, group: Any) -> list[Any]:
         json.loads(g[: int(s.item())].numpy().tobytes())
         for g, s in zip(gathered, sizes, strict=True)
     ]
+
+
+def vote_any(flags: list[bool], group: Any) -> list[bool]:
+    """Collective: every rank must call this, with as many flags. Each flag is True on
+    every rank if it is True on any rank: one small all-reduce (MAX) on ``group``."""
+    if group is None or not is_distributed():
+        return flags
+    votes = torch.tensor([int(f) for f in flags], dtype=torch.uint8)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in votes.tolist()]

@@ -54,3 +54,65 @@ class EventLog:
                     logger.warning("could not append to %s: %s", self.path, e)
         summary = " ".join(f"{k}={v}" for k, v in fields.items())
         logger.log(level, "event=%s rank=%d %s", event, rank, summary)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON line per step (``step``, ``loss``, ``lr``,
+    ``step_time_s``), the loss as a full-precision float.
+
+    A CUDA loss is copied to the host without blocking and written once that copy is done
+    (checked without a device sync), so logging adds no host-device synchronisation per
+    step; ``flush()`` writes everything, waiting for the device if needed. Lines reach the
+    OS at once (a killed process keeps them); ``flush(durable=True)`` also fsyncs.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._pending: deque[tuple[dict[str, Any], Any, Any]] = deque()
+
+    def write(self, step: int, loss: Any, lr: float | None, step_time_s: float) -> None:
+        entry: dict[str, Any] = {"step": step, "loss": None, "lr": lr,
+                                 "step_time_s": round(step_time_s, 6)}
+        if hasattr(loss, "is_cuda") and loss.is_cuda:
+            import torch  # only reached with CUDA tensors
+
+            host = loss.detach().to("cpu", non_blocking=True)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record()
+            self._pending.append((entry, host, done))
+            self._write_ready(block=False)
+            return
+        entry["loss"] = None if loss is None else float(loss)
+        if self._pending:
+            self._pending.append((entry, None, None))
+        else:
+            self._emit(entry)
+
+    def flush(self, *, durable: bool = False) -> None:
+        self._write_ready(block=True)
+        self._file.flush()
+        if durable:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._file.close()
+
+    def _write_ready(self, *, block: bool) -> None:
+        while self._pending:
+            entry, host, done = self._pending[0]
+            if done is not None:
+                if not block and not done.query():
+                    return
+                done.synchronize()
+                entry["loss"] = float(host)
+            self._pending.popleft()
+            self._emit(entry)
+
+    def _emit(self, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()

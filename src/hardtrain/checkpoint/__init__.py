@@ -1,5 +1,6 @@
 """Checkpoints: where (the store), how (atomic commit, manifest, verify, fallback), async."""
 
+from hardtrain.checkpoint._policy import CheckpointPolicy
 from hardtrain.checkpoint._reports import (
     CheckpointFallbackWarning,
     CheckpointInfo,
@@ -12,6 +13,7 @@ from hardtrain.checkpoint._store import CheckpointStore
 __all__ = [
     "CheckpointFallbackWarning",
     "CheckpointInfo",
+    "CheckpointPolicy",
     "CheckpointStore",
     "FileProblem",
     "LoadedCheckpoint",

@@ -174,6 +174,11 @@ class CheckpointStore:
             if inflight.done():
                 self._inflight = None
 
+    @property
+    def saving(self) -> bool:
+        """True while a ``save_async`` is still being written (never blocks)."""
+        return self._inflight is not None and not self._inflight.done()
+
     def close(self) -> None:
         """Finish the save in flight and stop the background thread."""
         try:

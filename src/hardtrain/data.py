@@ -1,0 +1,221 @@
+"""Where the trainer is in the data, so that a restart continues with the next batch.
+
+Three kinds of data source:
+
+- stateful: anything with ``state_dict()``/``load_state_dict()`` (torchdata's
+  ``StatefulDataLoader``, a user's own loader). Its own state is saved and restored.
+- a ``torch.utils.data.DataLoader`` over a map-style dataset: the epoch, the number of
+  batches taken from it, and the RNG state at the moment the epoch's iterator was created
+  are saved. On resume the epoch's iterator is created again from that RNG state (so a
+  shuffled sampler draws the same order) through a copy of the loader whose batch sampler
+  skips the batches already used: their indices are drawn, their samples are not loaded.
+- anything else iterable: the epoch and the count are kept, but the position cannot be
+  restored; the trainer warns and starts the iterable again.
+
+When the iterable is exhausted, the next epoch starts: ``set_epoch(epoch)`` is called on
+the data, its sampler and its batch sampler's sampler, where they have it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+STATEFUL, LOADER, ITERABLE = "stateful", "loader", "iterable"
+
+
+def kind_of(data: Iterable[Any]) -> str:
+    if all(callable(getattr(data, m, None)) for m in ("state_dict", "load_state_dict")):
+        return STATEFUL
+    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
+        return LOADER
+    return ITERABLE
+
+
+def generators_of(data: Iterable[Any]) -> dict[str, torch.Generator]:
+    """The torch generators a data loader and its samplers draw from, by role."""
+    found: dict[str, torch.Generator] = {}
+    candidates = {
+        "data": data,
+        "sampler": getattr(data, "sampler", None),
+        "batch_sampler.sampler": getattr(getattr(data, "batch_sampler", None), "sampler", None),
+    }
+    seen: set[int] = set()
+    for role, obj in candidates.items():
+        generator = getattr(obj, "generator", None)
+        if isinstance(generator, torch.Generator) and id(generator) not in seen:
+            seen.add(id(generator))
+            found[role] = generator
+    return found
+
+
+class DataCursor:
+    """Hands out batches across epochs and knows how to get back to the same place.
+
+    ``position()`` and ``restore()`` use JSON-able state plus RNG trees made by the
+    caller's ``capture_rng``/``restore_rng`` (passed in, so this module stays small).
+    """
+
+    def __init__(
+        self,
+        data: Iterable[Any],
+        capture_rng: Callable[[], dict[str, Any]],
+        restore_rng: Callable[[Mapping[str, Any]], None],
+    ) -> None:
+        self.data = data
+        self.kind = kind_of(data)
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self._capture_rng = capture_rng
+        self._restore_rng = restore_rng
+        self._iterator: Iterator[Any] | None = None
+        self._epoch_start_rng: dict[str, Any] | None = None
+
+    def next_batch(self) -> Any:
+        if self._iterator is None:
+            self._start_epoch()
+        assert self._iterator is not None
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if self.batches_in_epoch == 0:
+                raise ValueError(
+                    f"the data gave no batch in epoch {self.epoch}: an exhausted iterator or an "
+                    "empty dataset. Pass something that can be iterated again for each epoch "
+                    "(a DataLoader, a list, a re-iterable dataset)."
+                ) from None
+            self.epoch += 1
+            self.batches_in_epoch = 0
+            self._start_epoch()
+            batch = next(self._iterator)
+        self.batches_in_epoch += 1
+        return batch
+
+    def _start_epoch(self) -> None:
+        for obj in _epoch_aware(self.data):
+            obj.set_epoch(self.epoch)
+        if self.kind == LOADER:
+            self._epoch_start_rng = self._capture_rng()
+        self._iterator = iter(self.data)
+
+    def position(self) -> dict[str, Any]:
+        """Collective-free; the data's own state is included for a stateful source."""
+        position: dict[str, Any] = {
+            "kind": self.kind, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+            "started": self._iterator is not None,
+        }
+        if self.kind == STATEFUL:
+            position["state"] = self.data.state_dict()  # type: ignore[attr-defined]
+        if self.kind == LOADER and self._iterator is not None:
+            position["epoch_start_rng"] = self._epoch_start_rng
+        return position
+
+    def restore(self, position: Mapping[str, Any]) -> str | None:
+        """Go back to ``position``; the caller restores the RNG streams afterwards.
+
+        Returns a warning when the position cannot be restored (a plain iterable)."""
+        self.epoch = position["epoch"]
+        self.batches_in_epoch = position["batches_in_epoch"]
+        self._iterator = None
+        if self.kind == STATEFUL:
+            self.data.load_state_dict(position["state"])  # type: ignore[attr-defined]
+            if position["started"]:
+                for obj in _epoch_aware(self.data):
+                    obj.set_epoch(self.epoch)
+                self._iterator = iter(self.data)
+            return None
+        if not position["started"]:
+            return None
+        if self.kind == LOADER:
+            self._resume_loader(position["epoch_start_rng"])
+            return None
+        skipped = self.batches_in_epoch
+        self.batches_in_epoch = 0
+        self._start_epoch()
+        return (
+            f"the data ({type(self.data).__name__}) has no state_dict()/load_state_dict() and is "
+            f"not a DataLoader over a map-style dataset, so its position (batch {skipped} of "
+            f"epoch {self.epoch}) cannot be restored; it starts again from its beginning. Use "
+            "torchdata's StatefulDataLoader or give the data state_dict()/load_state_dict() "
+            "for an exact resume."
+        )
+
+    def _resume_loader(self, epoch_start_rng: Mapping[str, Any]) -> None:
+        """Create the epoch's iterator as it was created then, minus the batches used."""
+        loader = self.data
+        assert isinstance(loader, DataLoader)
+        for obj in _epoch_aware(loader):
+            obj.set_epoch(self.epoch)
+        self._restore_rng(epoch_start_rng)
+        self._epoch_start_rng = dict(epoch_start_rng)
+        skipping = _SkipFirst(loader.batch_sampler if loader.batch_size is not None
+                              else loader.sampler, self.batches_in_epoch)
+        copy = _copy_loader(loader, skipping)
+        self._iterator = iter(copy)
+        skipping.draw()  # the sampler's own randomness, drawn now as it was then
+
+
+def _epoch_aware(data: Any) -> list[Any]:
+    objs = [data, getattr(data, "sampler", None),
+            getattr(getattr(data, "batch_sampler", None), "sampler", None)]
+    unique: dict[int, Any] = {}
+    for obj in objs:
+        if obj is not None and callable(getattr(obj, "set_epoch", None)):
+            unique.setdefault(id(obj), obj)
+    return list(unique.values())
+
+
+class _SkipFirst:
+    """A (batch) sampler that yields what ``inner`` yields, minus the first ``skip``.
+
+    The inner sampler is iterated in ``draw`` (or lazily), so that its randomness can be
+    drawn at the same point in the RNG sequence as in the original run."""
+
+    def __init__(self, inner: Any, skip: int) -> None:
+        self.inner = inner
+        self.skip = skip
+        self._iterator: Iterator[Any] | None = None
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.skip, 0)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._rest()
+
+    def _rest(self) -> Iterator[Any]:
+        self.draw()
+        assert self._iterator is not None
+        yield from self._iterator
+
+    def draw(self) -> None:
+        if self._iterator is None:
+            iterator = iter(self.inner)
+            self._iterator = itertools.chain(
+                [first] if (first := next(iterator, _END)) is not _END else [], iterator
+            )
+            for _ in range(self.skip):
+                if next(self._iterator, _END) is _END:
+                    break
+
+
+_END = object()
+
+
+def _copy_loader(loader: DataLoader[Any], sampler: _SkipFirst) -> DataLoader[Any]:
+    """``loader`` again, same settings and generator, with ``sampler`` as its (batch)
+    sampler. Not persistent: it serves one partial epoch."""
+    workers = loader.num_workers
+    common: dict[str, Any] = dict(
+        num_workers=workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if workers else None,
+        generator=loader.generator, prefetch_factor=loader.prefetch_factor if workers else None,
+        pin_memory_device=loader.pin_memory_device, in_order=loader.in_order,
+    )
+    if loader.batch_size is None:
+        return DataLoader(loader.dataset, batch_size=None, sampler=sampler, **common)
+    return DataLoader(loader.dataset, batch_sampler=sampler, **common)

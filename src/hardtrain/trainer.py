@@ -1,0 +1,583 @@
+"""HardenedTrainer: the user's step inside a loop that checkpoints, resumes exactly and logs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+
+from hardtrain import _dist
+from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
+from hardtrain.checkpoint._policy import CheckpointPolicy
+from hardtrain.data import DataCursor, generators_of
+from hardtrain.determinism import seed_everything, set_deterministic
+from hardtrain.errors import CheckpointMismatchError, NoCheckpointError
+from hardtrain.state import capture_rng, flatten, restore_rng, unflatten
+from hardtrain.telemetry import EventLog, MetricsLog
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = 1
+_STATE_KEY = "hardtrain"
+StepFn = Callable[[Any], Any]
+_DEFAULT_CHECKPOINT = CheckpointPolicy()
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What ``fit`` did.
+
+    step: completed optimizer steps (== max_steps when training finished).
+    num_steps: steps run by this call (0 when the run had already finished).
+    resumed_from: the checkpoint step this call started from, or None for a fresh start.
+    final_loss: the last step's loss (None if this call ran no step).
+    checkpoint: the last committed checkpoint, or None with ``checkpoint=None``.
+    elapsed_s: wall-clock seconds spent in ``fit``.
+    """
+
+    step: int
+    num_steps: int
+    resumed_from: int | None
+    final_loss: float | None
+    checkpoint: CheckpointInfo | None
+    elapsed_s: float
+
+
+class HardenedTrainer:
+    """Runs the user's step in a loop that checkpoints, resumes exactly, and logs.
+
+    ``fit`` reads, in pseudocode::
+
+        open the run: checkpoint store, metrics.jsonl, events.jsonl
+        resume from the newest verified checkpoint (or seed a fresh start)
+        while step < max_steps:
+            batch = next batch (a new epoch when the data runs out)
+            loss = step_fn(batch); backward; clip; optimizer step; scheduler step
+            step += 1; one line in metrics.jsonl
+            if the ranks vote a checkpoint due: save (async: copy, then write in background)
+        final checkpoint at max_steps; close
+
+    model: an ``nn.Module`` (DDP and ``torch.compile`` wrappers are saved unwrapped).
+    optimizer: an optimizer, or ``{name: optimizer}`` for several.
+    data: any iterable of batches; see ``hardtrain.data`` for how its position is saved.
+    run_dir: a local folder or an fsspec URL; checkpoints go under ``run_dir/checkpoints``.
+    scheduler: an LR scheduler, ``{name: scheduler}``, or None.
+    scaler: a ``torch.amp.GradScaler``, or None.
+    extra_state: ``{name: obj}``, each with ``state_dict()``/``load_state_dict()``.
+    checkpoint: when to save (``CheckpointPolicy``); None for no checkpoints (and no resume).
+    seed: seeds every generator at a fresh start (``seed_everything``); None leaves them.
+    deterministic: deterministic kernels (``set_deterministic``), on every start.
+    config: the run's configuration, kept with the run (``trainer.config``).
+    log_dir: where ``metrics.jsonl`` and ``events.jsonl`` are written; by default
+        ``run_dir`` when it is local, else ``./hardtrain-logs/<run_dir as a name>``, copied
+        up to ``run_dir`` after every checkpoint.
+    storage_options: fsspec options for a remote ``run_dir``.
+    clock: seconds, monotonic; the wall-clock checkpoint trigger reads it (a seam for tests).
+
+    The constructor only stores and checks; ``fit`` opens files, threads and groups and
+    closes them when it returns or raises.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer],
+        data: Iterable[Any],
+        run_dir: str | os.PathLike[str],
+        *,
+        scheduler: Any | Mapping[str, Any] | None = None,
+        scaler: Any | None = None,
+        extra_state: Mapping[str, Any] | None = None,
+        checkpoint: CheckpointPolicy | None = _DEFAULT_CHECKPOINT,
+        seed: int | None = None,
+        deterministic: bool = False,
+        config: Any = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model={type(model).__name__}: expected a torch.nn.Module")
+        self.model = model
+        self.optimizers = _named(optimizer, "optimizer", torch.optim.Optimizer)
+        if not self.optimizers:
+            raise ValueError("optimizer={}: give at least one optimizer")
+        self.schedulers = _named(scheduler, "scheduler", None)
+        if not isinstance(data, Iterable):
+            raise TypeError(f"data={type(data).__name__}: expected an iterable of batches")
+        self.data = data
+        self.run_dir = os.fspath(run_dir)
+        self.scaler = scaler
+        self.extra_state = dict(extra_state or {})
+        for name, obj in [*self.schedulers.items(), *self.extra_state.items()] + (
+            [("scaler", scaler)] if scaler is not None else []
+        ):
+            if not (callable(getattr(obj, "state_dict", None))
+                    and callable(getattr(obj, "load_state_dict", None))):
+                raise TypeError(f"{name}={type(obj).__name__}: needs state_dict() and "
+                                "load_state_dict() to be saved and restored")
+        if checkpoint is not None and not isinstance(checkpoint, CheckpointPolicy):
+            raise TypeError(f"checkpoint={checkpoint!r}: expected ht.CheckpointPolicy or None")
+        self.checkpoint = checkpoint
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32
+        ):
+            raise ValueError(f"seed={seed!r}: must be an int in [0, 2**32), or None")
+        self.seed = seed
+        self.deterministic = bool(deterministic)
+        self.config = config
+        self.log_dir = os.fspath(log_dir) if log_dir is not None else _default_log_dir(self.run_dir)
+        self.storage_options = dict(storage_options or {})
+        self._clock = clock
+        self.step = 0
+        self._cursor = DataCursor(data, self._capture_rng, self._restore_rng)
+
+    # ------------------------------------------------------------------------------ fit
+
+    def fit(
+        self,
+        step_fn: StepFn,
+        max_steps: int,
+        *,
+        grad_accum_steps: int = 1,
+        max_grad_norm: float | None = None,
+        manual: bool = False,
+    ) -> FitResult:
+        """Train until ``step == max_steps``, resuming from ``run_dir`` first.
+
+        Collective when distributed: every rank must call it with the same arguments.
+
+        step_fn(batch) -> loss: the forward pass. hardtrain does zero_grad, backward
+            (through the scaler), clipping, the optimizer and scheduler steps.
+        grad_accum_steps: batches per optimizer step; the loss is divided by it before
+            backward and the logged loss is the mean over them (>= 1).
+        max_grad_norm: clip the gradients' total norm to this (> 0), or None.
+        manual: step_fn does its own zero_grad, backward, optimizer and scheduler steps
+            (several optimizers, GANs) and returns the loss to log; one call is one step.
+            Everything it touches is still saved if it was given to the trainer.
+        """
+        _check_fit_args(max_steps, grad_accum_steps, max_grad_norm, manual)
+        started = time.perf_counter()
+        with self._open_run() as run:
+            resumed_from = self._resume_or_start(run)
+            if self.step >= max_steps:
+                logger.info("rank=%d run already at step %d (max_steps=%d): nothing to train",
+                            run.rank, self.step, max_steps)
+                return FitResult(self.step, 0, resumed_from, None, run.last_checkpoint,
+                                 time.perf_counter() - started)
+            first_step, loss = self.step, None
+            while self.step < max_steps:
+                step_started = time.perf_counter()
+                if manual:
+                    loss = step_fn(self._cursor.next_batch())
+                else:
+                    loss = self._train_step(step_fn, grad_accum_steps, max_grad_norm)
+                self.step += 1
+                run.record_step(self.step, loss, self._lr(), time.perf_counter() - step_started)
+                if self._checkpoint_due(run, final=self.step == max_steps):
+                    self._save(run)
+            run.finish()
+            final_loss = None if loss is None else float(loss)
+            run.events.record("training_finished", step=self.step,
+                              num_steps=self.step - first_step, final_loss=final_loss)
+            return FitResult(self.step, self.step - first_step, resumed_from, final_loss,
+                             run.last_checkpoint, time.perf_counter() - started)
+
+    def _train_step(self, step_fn: StepFn, accum: int, max_grad_norm: float | None) -> Any:
+        """One optimizer step over ``accum`` batches; returns the (mean) loss, detached."""
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for micro in range(accum):
+            batch = self._cursor.next_batch()
+            sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
+            with contextlib.nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]
+                loss = step_fn(batch)
+                if not isinstance(loss, torch.Tensor):
+                    raise TypeError(f"step_fn returned {type(loss).__name__}: expected the loss "
+                                    "tensor (or use fit(..., manual=True))")
+                scaled = loss / accum if accum > 1 else loss
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            losses.append(loss.detach())
+        if max_grad_norm is not None:
+            if self.scaler is not None:
+                for optimizer in self.optimizers.values():
+                    self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self._parameters(), max_grad_norm)
+        for optimizer in self.optimizers.values():
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        return losses[0] if accum == 1 else torch.stack(losses).mean()
+
+    # ------------------------------------------------------------------------ the run
+
+    @contextlib.contextmanager
+    def _open_run(self) -> Iterator[_Run]:
+        run = _Run(self)
+        try:
+            yield run
+        finally:
+            run.close()
+
+    def _resume_or_start(self, run: _Run) -> int | None:
+        """Load the newest verified checkpoint into the user's objects, or start fresh."""
+        if self.deterministic:
+            set_deterministic()
+        loaded = None
+        if run.store is not None:
+            with contextlib.suppress(NoCheckpointError):
+                loaded = run.store.load()
+        if loaded is None:
+            if self.seed is not None:
+                seed_everything(self.seed)
+            run.events.record("training_started", step=0, seed=self.seed,
+                              world_size=run.world_size)
+            return None
+        self._restore(loaded.state.get(_STATE_KEY), loaded.tensors, loaded.path)
+        run.last_checkpoint = CheckpointInfo(loaded.step, loaded.path, True)
+        run.saved_step = loaded.step
+        logger.info("rank=%d resumed from %s (step %d, epoch %d, batch %d of the epoch)",
+                    run.rank, loaded.path, self.step, self._cursor.epoch,
+                    self._cursor.batches_in_epoch)
+        run.events.record("resumed", from_step=loaded.step, path=loaded.path,
+                          epoch=self._cursor.epoch)
+        return loaded.step
+
+    def _checkpoint_due(self, run: _Run, *, final: bool) -> bool:
+        """Collective when distributed: every rank must call this at every step."""
+        policy = self.checkpoint
+        if policy is None:
+            return False
+        run.collect_finished_save()
+        due = final
+        if policy.every_steps is not None and self.step % policy.every_steps == 0:
+            due = True
+        every_s = policy.every_s
+        if every_s is not None and not run.saving and self._clock() - run.saved_at >= every_s:
+            due = True
+        return _dist.vote_any([due], run.group)[0]
+
+    def _save(self, run: _Run) -> None:
+        """Collective when distributed."""
+        assert run.store is not None and self.checkpoint is not None
+        tensors: dict[str, torch.Tensor] = {}
+        state = {_STATE_KEY: self._capture(tensors)}
+        run.flush_logs()
+        if self.checkpoint.async_save:
+            run.store.save_async(self.step, tensors, state)
+            run.saving = True
+        else:
+            run.committed(run.store.save(self.step, tensors, state))
+        run.saved_step = self.step
+
+    # -------------------------------------------------------------------------- state
+
+    def _capture(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Everything an exact resume needs, flattened into ``tensors`` plus JSON."""
+        rank, world_size = _dist.rank_and_world_size()
+        return {
+            "format": _FORMAT,
+            "step": self.step,
+            "rank": rank,
+            "world_size": world_size,
+            "signature": self._signature(),
+            "model": flatten(_unwrap(self.model).state_dict(), "model", tensors),
+            "optimizers": {n: flatten(o.state_dict(), f"optimizers/{n}", tensors)
+                           for n, o in self.optimizers.items()},
+            "schedulers": {n: flatten(s.state_dict(), f"schedulers/{n}", tensors)
+                           for n, s in self.schedulers.items()},
+            "scaler": None if self.scaler is None
+            else flatten(self.scaler.state_dict(), "scaler", tensors),
+            "extra": {n: flatten(o.state_dict(), f"extra/{n}", tensors)
+                      for n, o in self.extra_state.items()},
+            "data": flatten(self._cursor.position(), "data", tensors),
+            "rng": flatten(self._capture_rng(), "rng", tensors),
+        }
+
+    def _signature(self) -> dict[str, Any]:
+        """What must be the same for a checkpoint to fit this trainer."""
+        return {
+            "optimizers": {
+                name: {"class": _class_name(opt), "param_shapes": [
+                    [list(p.shape) for p in group["params"]] for group in opt.param_groups
+                ]} for name, opt in self.optimizers.items()
+            },
+            "schedulers": {name: _class_name(s) for name, s in self.schedulers.items()},
+            "scaler": None if self.scaler is None else _class_name(self.scaler),
+            "extra_state": sorted(self.extra_state),
+            "data": self._cursor.kind,
+            "data_generators": sorted(generators_of(self.data)),
+        }
+
+    def _restore(self, saved: Any, tensors: Mapping[str, torch.Tensor], path: str) -> None:
+        """Check that the checkpoint fits, then load it into the user's objects in place.
+        Nothing is touched unless everything fits."""
+        if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+            raise CheckpointMismatchError(
+                f"{path} was not written by HardenedTrainer (format {_FORMAT}); load it with "
+                "CheckpointStore, or use another run_dir."
+            )
+        model = _unwrap(self.model)
+        saved_model = unflatten(saved["model"], tensors)
+        differences = _model_differences(model.state_dict(), saved_model)
+        differences += _signature_differences(saved["signature"], self._signature())
+        if differences:
+            raise CheckpointMismatchError(
+                f"{path} does not fit this trainer: " + "; ".join(differences) + ". Nothing "
+                "was loaded or overwritten. Resume with the model, optimizer and settings that "
+                "wrote it, or start this configuration in a new run_dir."
+            )
+        model.load_state_dict(saved_model)
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(unflatten(saved["optimizers"][name], tensors))
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(unflatten(saved["schedulers"][name], tensors))
+        if self.scaler is not None:
+            self.scaler.load_state_dict(unflatten(saved["scaler"], tensors))
+        for name, obj in self.extra_state.items():
+            obj.load_state_dict(unflatten(saved["extra"][name], tensors))
+        self.step = saved["step"]
+        warning = self._cursor.restore(unflatten(saved["data"], tensors))
+        if warning is not None:
+            warnings.warn(warning, stacklevel=4)
+            logger.warning("rank=%d %s", _dist.rank_and_world_size()[0], warning)
+        self._restore_rng(unflatten(saved["rng"], tensors))  # last: the data moved them
+
+    def _capture_rng(self) -> dict[str, Any]:
+        return capture_rng(generators_of(self.data))
+
+    def _restore_rng(self, state: Mapping[str, Any]) -> None:
+        restore_rng(state, generators_of(self.data))
+
+    def _lr(self) -> float | None:
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                lr = group.get("lr")
+                return float(lr) if lr is not None else None
+        return None
+
+    def _parameters(self) -> list[torch.Tensor]:
+        return [p for opt in self.optimizers.values() for g in opt.param_groups
+                for p in g["params"]]
+
+
+@dataclass
+class _Run:
+    """What one ``fit`` call holds open: store, logs, vote group, save bookkeeping."""
+
+    trainer: HardenedTrainer
+    store: CheckpointStore | None = None
+    events: EventLog = field(init=False)
+    metrics: MetricsLog | None = None
+    group: Any = None
+    rank: int = 0
+    world_size: int = 1
+    saving: bool = False
+    saved_at: float = 0.0  # clock() when the last save finished (or the run started)
+    saved_step: int | None = None
+    last_checkpoint: CheckpointInfo | None = None
+
+    def __post_init__(self) -> None:
+        trainer = self.trainer
+        self.rank, self.world_size = _dist.rank_and_world_size()
+        self.remote = _is_remote(trainer.run_dir)
+        os.makedirs(trainer.log_dir, exist_ok=True)
+        if self.remote and self.rank == 0:
+            self._download_logs()
+        self.events = EventLog(os.path.join(trainer.log_dir, "events.jsonl"))
+        if self.world_size > 1:
+            self.group = _dist.new_cpu_group()
+        policy = trainer.checkpoint
+        if policy is not None:
+            self.store = CheckpointStore(trainer.run_dir, keep_last=policy.keep_last,
+                                         events=self.events,
+                                         storage_options=trainer.storage_options)
+        if self.rank == 0:
+            self.metrics = MetricsLog(os.path.join(trainer.log_dir, "metrics.jsonl"))
+        self.saved_at = trainer._clock()
+
+    def record_step(self, step: int, loss: Any, lr: float | None, step_time_s: float) -> None:
+        if self.metrics is not None:
+            self.metrics.write(step, loss, lr, step_time_s)
+
+    def collect_finished_save(self) -> None:
+        """If the background save has finished, take its result (raising its error)."""
+        if self.saving and self.store is not None and not self.store.saving:
+            self.saving = False
+            info = self.store.wait()
+            if info is not None:
+                self.committed(info)
+
+    def committed(self, info: CheckpointInfo) -> None:
+        self.last_checkpoint = info
+        self.saved_at = self.trainer._clock()
+        if self.remote and self.rank == 0:
+            self._upload_logs()
+
+    def flush_logs(self) -> None:
+        """Before a checkpoint: every line up to this step is durable, so a restart that
+        resumes here finds the log complete up to it."""
+        if self.metrics is not None:
+            self.metrics.flush(durable=True)
+
+    def finish(self) -> None:
+        """The final checkpoint (if the last step was not saved) and waiting for it."""
+        if self.store is not None:
+            if self.saved_step != self.trainer.step:
+                self.trainer._save(self)
+            self.saving = False
+            info = self.store.wait()
+            if info is not None:
+                self.committed(info)
+
+    def close(self) -> None:
+        """Finish the save in flight (a committed checkpoint beats a fast exit) and close."""
+        try:
+            if self.store is not None:
+                self.store.close()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.remote and self.rank == 0:
+                self._upload_logs()
+
+    def _log_files(self) -> list[tuple[str, str]]:
+        trainer = self.trainer
+        return [(os.path.join(trainer.log_dir, name), f"{trainer.run_dir.rstrip('/')}/{name}")
+                for name in ("metrics.jsonl", "events.jsonl")]
+
+    def _upload_logs(self) -> None:
+        """Copy the local logs up to a remote run_dir; a failure is an event, never fatal."""
+        try:
+            fs, _ = fsspec.core.url_to_fs(self.trainer.run_dir, **self.trainer.storage_options)
+            for local, remote in self._log_files():
+                if os.path.exists(local):
+                    fs.put_file(local, remote)
+        except Exception as e:
+            self.events.record("logs_upload_failed", level=logging.WARNING,
+                               error=f"{type(e).__name__}: {e}")
+
+    def _download_logs(self) -> None:
+        """A restart on a new machine continues the logs already in the remote run_dir."""
+        with contextlib.suppress(Exception):
+            fs, _ = fsspec.core.url_to_fs(self.trainer.run_dir, **self.trainer.storage_options)
+            for local, remote in self._log_files():
+                if not os.path.exists(local) and fs.exists(remote):
+                    fs.get_file(remote, local)
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _named(value: Any, what: str, kind: type | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    items = dict(value) if isinstance(value, Mapping) else {what: value}
+    for name, obj in items.items():
+        if kind is not None and not isinstance(obj, kind):
+            raise TypeError(f"{what}[{name!r}]={type(obj).__name__}: expected {kind.__name__}")
+    return items
+
+
+def _check_fit_args(max_steps: int, accum: int, max_grad_norm: float | None, manual: bool) -> None:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"max_steps={max_steps!r}: must be an int >= 0")
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise ValueError(f"grad_accum_steps={accum!r}: must be an int >= 1")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, int | float)
+                                          and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be > 0, or None")
+    if manual and (accum != 1 or max_grad_norm is not None):
+        raise ValueError("manual=True: step_fn does its own backward and optimizer steps, so "
+                         "grad_accum_steps and max_grad_norm do not apply; do them in step_fn")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP/FSDP-style ``.module`` and torch.compile's ``_orig_mod``."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (
+            getattr(model, "module", None)
+            if type(model).__name__ in ("DistributedDataParallel", "DataParallel") else None
+        )
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def _class_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _model_differences(current: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    found = []
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    if missing:
+        found.append(f"model keys missing from the checkpoint: {_some(missing)}")
+    if unexpected:
+        found.append(f"unexpected model keys in the checkpoint: {_some(unexpected)}")
+    for key in current.keys() & saved.keys():
+        now, then = current[key], saved[key]
+        if isinstance(now, torch.Tensor) and isinstance(then, torch.Tensor) and (
+            now.shape != then.shape or now.dtype != then.dtype
+        ):
+            found.append(f"model {key}: checkpoint has {then.dtype} {list(then.shape)}, the "
+                         f"model has {now.dtype} {list(now.shape)}")
+    return found
+
+
+def _signature_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    found = []
+    for part, label in [("optimizers", "optimizer"), ("schedulers", "scheduler"),
+                        ("scaler", "scaler"), ("extra_state", "extra_state"),
+                        ("data", "data"), ("data_generators", "data generators")]:
+        then, now = saved.get(part), current.get(part)
+        if then == now:
+            continue
+        if isinstance(then, dict) and isinstance(now, dict) and then.keys() == now.keys():
+            for name in then:
+                if then[name] != now[name]:
+                    found.append(f"{label} {name!r}: {_describe(then[name], now[name])}")
+        else:
+            found.append(f"{label}: checkpoint has {then}, this trainer has {now}")
+    return found
+
+
+def _describe(then: Any, now: Any) -> str:
+    if isinstance(then, dict) and isinstance(now, dict):
+        if then.get("class") != now.get("class"):
+            return f"checkpoint has {then.get('class')}, this trainer has {now.get('class')}"
+        return (f"parameter shapes differ (checkpoint {then.get('param_shapes')}, this "
+                f"trainer {now.get('param_shapes')})")
+    return f"checkpoint has {then}, this trainer has {now}"
+
+
+def _some(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _is_remote(run_dir: str) -> bool:
+    protocol = fsspec.core.split_protocol(run_dir)[0]
+    return protocol not in (None, "file", "local")
+
+
+def _default_log_dir(run_dir: str) -> str:
+    if not _is_remote(run_dir):
+        return fsspec.core.strip_protocol(run_dir) if run_dir.startswith("file://") else run_dir
+    return os.path.join("hardtrain-logs", re.sub(r"[^A-Za-z0-9._-]+", "_", run_dir).strip("_"))

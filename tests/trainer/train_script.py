@@ -1,0 +1,102 @@
+"""A small training job for resume tests, run as a real process.
+
+Faults are keyed by step: --kill-at K SIGKILLs the process inside step K+1's step_fn;
+--kill-in-save K SIGKILLs it while the checkpoint after step K is being written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import hardtrain as ht
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(32, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Numbers:
+    """A plain iterable: no state_dict, not a DataLoader."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for i in range(0, len(self.dataset), 8):
+            yield self.dataset[i : i + 8]
+
+
+def make_data(kind: str, workers: int) -> object:
+    g = torch.Generator().manual_seed(1234)
+    dataset = TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g))
+    if kind == "loader":
+        return DataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers)
+    if kind == "stateful":
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers)
+    return Numbers(dataset)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--data", default="loader", choices=["loader", "stateful", "iterable"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sync", action="store_true")
+    parser.add_argument("--every-steps", type=int, default=4)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--kill-in-save", type=int, default=None)
+    args = parser.parse_args()
+
+    ht.seed_everything(0)
+    model = Net()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.8)
+    data = make_data(args.data, args.workers)
+    policy = ht.CheckpointPolicy(every=None, every_steps=args.every_steps, keep_last=2,
+                                 async_save=not args.sync)
+    trainer = ht.HardenedTrainer(model, optimizer, data, args.run_dir, scheduler=scheduler,
+                                 checkpoint=policy, seed=7)
+
+    if args.kill_in_save is not None:
+        from hardtrain.checkpoint import _storage
+
+        write = _storage.LocalStorage.write_tensors
+
+        def write_then_die(self, path, tensors):  # type: ignore[no-untyped-def]
+            if trainer.step > args.kill_in_save:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write(self, path, tensors)
+
+        _storage.LocalStorage.write_tensors = write_then_die  # type: ignore[method-assign]
+
+    def step_fn(batch: list[torch.Tensor]) -> torch.Tensor:
+        if args.kill_at is not None and trainer.step == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        x, y = batch
+        noise = float(np.random.randn()) * 1e-3 + random.random() * 1e-3
+        return torch.nn.functional.mse_loss(model(x + noise), y)
+
+    result = trainer.fit(step_fn, max_steps=args.steps, grad_accum_steps=args.accum)
+    print(f"done step={result.step} resumed_from={result.resumed_from}")
+
+
+if __name__ == "__main__":
+    main()
