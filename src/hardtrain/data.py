@@ -9,6 +9,8 @@ Three kinds of data source:
   are saved. On resume the epoch's iterator is created again from that RNG state (so a
   shuffled sampler draws the same order) through a copy of the loader whose batch sampler
   skips the batches already used: their indices are drawn, their samples are not loaded.
+- a sequence (a list or tuple of batches): the epoch and the count; a restart skips the
+  batches already used by index.
 - anything else iterable: the epoch and the count are kept, but the position cannot be
   restored; the trainer warns and starts the iterable again.
 
@@ -19,13 +21,13 @@ the data, its sampler and its batch sampler's sampler, where they have it.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-STATEFUL, LOADER, ITERABLE = "stateful", "loader", "iterable"
+STATEFUL, LOADER, SEQUENCE, ITERABLE = "stateful", "loader", "sequence", "iterable"
 
 
 def kind_of(data: Iterable[Any]) -> str:
@@ -33,6 +35,8 @@ def kind_of(data: Iterable[Any]) -> str:
         return STATEFUL
     if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
         return LOADER
+    if isinstance(data, Sequence):
+        return SEQUENCE
     return ITERABLE
 
 
@@ -78,20 +82,18 @@ class DataCursor:
     def next_batch(self) -> Any:
         if self._iterator is None:
             self._start_epoch()
-        assert self._iterator is not None
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            if self.batches_in_epoch == 0:
+        batch = next(self._iterator, _END)  # type: ignore[arg-type]
+        if batch is _END:  # the data ran out: the next epoch
+            self.epoch += 1
+            self.batches_in_epoch = 0
+            self._start_epoch()
+            batch = next(self._iterator, _END)  # type: ignore[arg-type]
+            if batch is _END:
                 raise ValueError(
                     f"the data gave no batch in epoch {self.epoch}: an exhausted iterator or an "
                     "empty dataset. Pass something that can be iterated again for each epoch "
                     "(a DataLoader, a list, a re-iterable dataset)."
-                ) from None
-            self.epoch += 1
-            self.batches_in_epoch = 0
-            self._start_epoch()
-            batch = next(self._iterator)
+                )
         self.batches_in_epoch += 1
         return batch
 
@@ -132,6 +134,11 @@ class DataCursor:
             return None
         if self.kind == LOADER:
             self._resume_loader(position["epoch_start_rng"])
+            return None
+        if self.kind == SEQUENCE:
+            for obj in _epoch_aware(self.data):
+                obj.set_epoch(self.epoch)
+            self._iterator = itertools.islice(iter(self.data), self.batches_in_epoch, None)
             return None
         skipped = self.batches_in_epoch
         self.batches_in_epoch = 0

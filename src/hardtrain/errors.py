@@ -15,6 +15,7 @@ Every message says what happened, with the values, what to do next, and names th
 from __future__ import annotations
 
 CHECKPOINT_RUNBOOK = "runbooks/checkpoint-corruption.md"
+RESUME_MISMATCH_RUNBOOK = "runbooks/resume-mismatch.md"
 
 
 class HardtrainError(Exception):
@@ -53,4 +54,7 @@ class NoCheckpointError(CheckpointError, FileNotFoundError):
 
 
 class CheckpointMismatchError(CheckpointError, ValueError):
-    """The checkpoint's tensors, ranks or format do not match what is loading it."""
+    """The checkpoint's tensors, ranks or format do not match what is loading it (a
+    different model, optimizer, world size, ...). Raised before anything is loaded."""
+
+    runbook = RESUME_MISMATCH_RUNBOOK

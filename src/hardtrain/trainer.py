@@ -118,12 +118,13 @@ class HardenedTrainer:
         self.run_dir = os.fspath(run_dir)
         self.scaler = scaler
         self.extra_state = dict(extra_state or {})
-        for name, obj in [*self.schedulers.items(), *self.extra_state.items()] + (
-            [("scaler", scaler)] if scaler is not None else []
-        ):
+        savable = [(f"scheduler[{n!r}]", o) for n, o in self.schedulers.items()]
+        savable += [(f"extra_state[{n!r}]", o) for n, o in self.extra_state.items()]
+        savable += [("scaler", scaler)] if scaler is not None else []
+        for label, obj in savable:
             if not (callable(getattr(obj, "state_dict", None))
                     and callable(getattr(obj, "load_state_dict", None))):
-                raise TypeError(f"{name}={type(obj).__name__}: needs state_dict() and "
+                raise TypeError(f"{label}={type(obj).__name__}: needs state_dict() and "
                                 "load_state_dict() to be saved and restored")
         if checkpoint is not None and not isinstance(checkpoint, CheckpointPolicy):
             raise TypeError(f"checkpoint={checkpoint!r}: expected ht.CheckpointPolicy or None")
@@ -176,13 +177,13 @@ class HardenedTrainer:
                                  time.perf_counter() - started)
             first_step, loss = self.step, None
             while self.step < max_steps:
-                step_started = time.perf_counter()
+                step_started, lr = time.perf_counter(), self._lr()  # the lr this step uses
                 if manual:
                     loss = step_fn(self._cursor.next_batch())
                 else:
                     loss = self._train_step(step_fn, grad_accum_steps, max_grad_norm)
                 self.step += 1
-                run.record_step(self.step, loss, self._lr(), time.perf_counter() - step_started)
+                run.record_step(self.step, loss, lr, time.perf_counter() - step_started)
                 if self._checkpoint_due(run, final=self.step == max_steps):
                     self._save(run)
             run.finish()
