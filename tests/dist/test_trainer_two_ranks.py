@@ -1,0 +1,85 @@
+"""HardenedTrainer under torchrun: two ranks, DDP, a DistributedSampler, gloo on CPU.
+
+A run killed on one rank and started again equals the uninterrupted run on every rank:
+each rank's per-step losses and each rank's final checkpoint, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hardtrain as ht
+from tests.trainer.compare import assert_same_run
+
+WORKER = Path(__file__).with_name("trainer_worker.py")
+pytestmark = pytest.mark.timeout(300)
+
+
+def torchrun(run_dir: Path, results: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(WORKER), str(run_dir), str(results), *args],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def rank_losses(results: Path, rank: int) -> dict[int, float]:
+    found = {}
+    for line in (results / f"rank{rank}.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        found[entry["step"]] = entry["loss"]
+    return found
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    paths = {name: root / name for name in ("straight", "killed", "straight-out", "killed-out")}
+    for path in paths.values():
+        path.mkdir()
+    done = torchrun(paths["straight"], paths["straight-out"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = torchrun(paths["killed"], paths["killed-out"], "--kill-rank", "1", "--kill-at", "8")
+    assert killed.returncode != 0
+    resumed = torchrun(paths["killed"], paths["killed-out"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    paths["resumed_stdout"] = Path(resumed.stdout)  # type: ignore[assignment]
+    return paths
+
+
+def test_both_ranks_resume_from_the_same_step(runs: dict[str, Path]) -> None:
+    out = str(runs["resumed_stdout"])
+    found = sorted(re.findall(r"rank=(\d) step=14 resumed_from=(\d+)", out))
+    assert [rank for rank, _ in found] == ["0", "1"], out
+    assert found[0][1] == found[1][1] in ("3", "6"), out  # 6 unless its async save was cut
+
+
+def test_every_rank_equals_the_uninterrupted_run(runs: dict[str, Path]) -> None:
+    for rank in range(2):
+        straight = rank_losses(runs["straight-out"], rank)
+        resumed = rank_losses(runs["killed-out"], rank)
+        assert sorted(straight) == list(range(1, 15))
+        assert resumed == straight, rank  # the last line per step, replayed steps included
+    assert rank_losses(runs["straight-out"], 0) != rank_losses(runs["straight-out"], 1)
+    assert_same_run(runs["straight"], runs["killed"], ranks=2)  # rank 0's metrics; all state
+
+
+def test_resuming_with_another_world_size_is_an_error(runs: dict[str, Path]) -> None:
+    before = sorted(p.name for p in (runs["killed"] / "checkpoints").iterdir())
+    alone = subprocess.run(
+        [sys.executable, str(WORKER), str(runs["killed"]), str(runs["killed-out"])],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert alone.returncode != 0
+    assert "CheckpointMismatchError" in alone.stderr
+    assert "written by 2 rank(s), this job has 1" in alone.stderr
+    assert "runbooks/resume-mismatch.md" in alone.stderr
+    assert sorted(p.name for p in (runs["killed"] / "checkpoints").iterdir()) == before
+    assert ht.CheckpointStore(runs["killed"]).latest().step == 14  # type: ignore[union-attr]

@@ -1,0 +1,68 @@
+"""One rank of a DDP training job under torchrun, for the resume tests.
+
+Every rank appends its own per-step losses to RESULTS/rank<R>.jsonl. --kill-rank R
+--kill-at K SIGKILLs rank R inside step K+1 (torchrun then stops the other rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import hardtrain as ht
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("results")
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--kill-rank", type=int, default=None)
+    parser.add_argument("--kill-at", type=int, default=None)
+    args = parser.parse_args()
+
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    ht.seed_everything(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.25),
+                                torch.nn.Linear(16, 1))
+    ddp = DistributedDataParallel(model) if distributed else model
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+    g = torch.Generator().manual_seed(5)
+    dataset = TensorDataset(torch.randn(48, 6, generator=g), torch.randn(48, 1, generator=g))
+    sampler = DistributedSampler(dataset, shuffle=True, seed=11) if distributed else None
+    data = DataLoader(dataset, batch_size=4, sampler=sampler, shuffle=sampler is None)
+    trainer = ht.HardenedTrainer(
+        ddp, optimizer, data, args.run_dir, scheduler=scheduler, seed=100 + rank,
+        checkpoint=ht.CheckpointPolicy(every=None, every_steps=3, keep_last=2),
+    )
+    log = Path(args.results) / f"rank{rank}.jsonl"
+
+    def step_fn(batch: list[torch.Tensor]) -> torch.Tensor:
+        if rank == args.kill_rank and trainer.step == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        with log.open("a") as f:
+            f.write(json.dumps({"step": trainer.step + 1, "loss": loss.item()}) + "\n")
+        return loss
+
+    result = trainer.fit(step_fn, max_steps=args.steps)
+    print(f"rank={rank} step={result.step} resumed_from={result.resumed_from}", flush=True)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
