@@ -97,6 +97,14 @@ class DataCursor:
         self.batches_in_epoch += 1
         return batch
 
+    def release(self) -> None:
+        """Drop the iterator (and its worker processes); ``restore`` or the next batch
+        creates a new one."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+
     def _start_epoch(self) -> None:
         for obj in _epoch_aware(self.data):
             obj.set_epoch(self.epoch)
@@ -148,7 +156,7 @@ class DataCursor:
             f"not a DataLoader over a map-style dataset, so its position (batch {skipped} of "
             f"epoch {self.epoch}) cannot be restored; it starts again from its beginning. Use "
             "torchdata's StatefulDataLoader or give the data state_dict()/load_state_dict() "
-            "for an exact resume."
+            "for an exact resume. See runbooks/resume-mismatch.md"
         )
 
     def _resume_loader(self, epoch_start_rng: Mapping[str, Any]) -> None:

@@ -244,7 +244,7 @@ class HardenedTrainer:
             with contextlib.suppress(NoCheckpointError):
                 loaded = run.store.load()
         if loaded is None:
-            if self.seed is not None:
+            if self.seed is not None and self.step == 0:  # not again on a second fit()
                 seed_everything(self.seed)
             run.events.record("training_started", step=0, seed=self.seed,
                               world_size=run.world_size)
@@ -447,9 +447,11 @@ class _Run:
                 self.committed(info)
 
     def close(self) -> None:
-        """Finish the save in flight (a committed checkpoint beats a fast exit) and close."""
+        """Finish the save in flight (a committed checkpoint beats a fast exit) and close.
+        The data's iterator goes too: the next ``fit`` resumes from the checkpoint."""
         try:
             if self.store is not None:
+                self.trainer._cursor.release()
                 self.store.close()
         finally:
             if self.metrics is not None:

@@ -46,6 +46,7 @@ def make(
     hidden: int = 16,
     optimizer: str = "adamw",
     workers: int = 0,
+    generator: torch.Generator | None = None,
     policy: ht.CheckpointPolicy | None = None,
     **kwargs: Any,
 ) -> tuple[ht.HardenedTrainer, Callable[[Any], torch.Tensor]]:
@@ -58,7 +59,8 @@ def make(
                                   torch.optim.SGD(model.parameters(), lr=1e-2))
     g = torch.Generator().manual_seed(1)
     dataset = TensorDataset(torch.randn(40, 4, generator=g), torch.randn(40, 1, generator=g))
-    data = DataLoader(dataset, batch_size=4, shuffle=True, num_workers=workers)
+    data = DataLoader(dataset, batch_size=4, shuffle=True, num_workers=workers,
+                      generator=generator)
     ema = Ema(model)
     kwargs.setdefault("extra_state", {"ema": ema})
     trainer = ht.HardenedTrainer(
@@ -88,6 +90,19 @@ def test_restart_continues_exactly(tmp_path: Path) -> None:
     result = second.fit(step, max_steps=23)  # ... and restarted with a larger goal
     assert result.resumed_from == 10 and result.num_steps == 13
     assert torch.equal(torch.rand(3), after_straight)  # the RNG stream continues exactly
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_loader_with_its_own_generator_and_workers_resumes_exactly(tmp_path: Path) -> None:
+    def job(run_dir: Path) -> tuple[ht.HardenedTrainer, Callable[[Any], torch.Tensor]]:
+        return make(run_dir, workers=2, generator=torch.Generator().manual_seed(9))
+
+    trainer, step = job(tmp_path / "a")
+    trainer.fit(step, max_steps=17)
+    trainer, step = job(tmp_path / "b")
+    trainer.fit(step, max_steps=13)  # mid-epoch (10 batches per epoch)
+    trainer, step = job(tmp_path / "b")
+    assert trainer.fit(step, max_steps=17).resumed_from == 13
     assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
