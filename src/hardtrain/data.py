@@ -1,6 +1,6 @@
 """Where the trainer is in the data, so that a restart continues with the next batch.
 
-Three kinds of data source:
+Four kinds of data source:
 
 - stateful: anything with ``state_dict()``/``load_state_dict()`` (torchdata's
   ``StatefulDataLoader``, a user's own loader). Its own state is saved and restored.
@@ -9,6 +9,10 @@ Three kinds of data source:
   are saved. On resume the epoch's iterator is created again from that RNG state (so a
   shuffled sampler draws the same order) through a copy of the loader whose batch sampler
   skips the batches already used: their indices are drawn, their samples are not loaded.
+  A loader with ``persistent_workers=True`` draws its workers' base seed from the run's
+  generator only when its first iterator is made; a restarted process makes a new
+  iterator, so hardtrain has it draw that seed from a throwaway generator instead, and
+  the run's streams advance exactly as in an uninterrupted run.
 - a sequence (a list or tuple of batches): the epoch and the count; a restart skips the
   batches already used by index.
 - anything else iterable: the epoch and the count are kept, but the position cannot be
@@ -20,6 +24,7 @@ the data, its sampler and its batch sampler's sampler, where they have it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -78,6 +83,8 @@ class DataCursor:
         self._restore_rng = restore_rng
         self._iterator: Iterator[Any] | None = None
         self._epoch_start_rng: dict[str, Any] | None = None
+        self._base_seed_drawn = False  # a persistent loader has drawn its workers' base seed
+        self._epoch_draws_base = True  # this epoch's iterator drew it from the run's streams
 
     def next_batch(self) -> Any:
         if self._iterator is None:
@@ -101,6 +108,8 @@ class DataCursor:
         """Drop the iterator (and its worker processes); ``restore`` or the next batch
         creates a new one."""
         iterator, self._iterator = self._iterator, None
+        if iterator is not None and getattr(self.data, "_iterator", None) is iterator:
+            self.data._iterator = None  # type: ignore[attr-defined]  # persistent: not reused
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if callable(shutdown):
             shutdown()
@@ -108,9 +117,19 @@ class DataCursor:
     def _start_epoch(self) -> None:
         for obj in _epoch_aware(self.data):
             obj.set_epoch(self.epoch)
-        if self.kind == LOADER:
-            self._epoch_start_rng = self._capture_rng()
-        self._iterator = iter(self.data)
+        if self.kind != LOADER:
+            self._iterator = iter(self.data)
+            return
+        loader = self.data
+        assert isinstance(loader, DataLoader)
+        self._epoch_start_rng = self._capture_rng()
+        self._epoch_draws_base = not (loader.persistent_workers and self._base_seed_drawn)
+        live = getattr(loader, "_iterator", None) is not None  # a persistent one: no draw
+        with contextlib.nullcontext() if self._epoch_draws_base or live else _base_seed_aside(
+            loader
+        ):
+            self._iterator = iter(loader)
+        self._base_seed_drawn = self._base_seed_drawn or loader.persistent_workers
 
     def position(self) -> dict[str, Any]:
         """Collective-free; the data's own state is included for a stateful source."""
@@ -120,8 +139,11 @@ class DataCursor:
         }
         if self.kind == STATEFUL:
             position["state"] = self.data.state_dict()  # type: ignore[attr-defined]
-        if self.kind == LOADER and self._iterator is not None:
-            position["epoch_start_rng"] = self._epoch_start_rng
+        if self.kind == LOADER:
+            position["base_seed_drawn"] = self._base_seed_drawn
+            if self._iterator is not None:
+                position["epoch_start_rng"] = self._epoch_start_rng
+                position["epoch_draws_base"] = self._epoch_draws_base
         return position
 
     def restore(self, position: Mapping[str, Any]) -> str | None:
@@ -131,6 +153,7 @@ class DataCursor:
         self.epoch = position["epoch"]
         self.batches_in_epoch = position["batches_in_epoch"]
         self._iterator = None
+        self._base_seed_drawn = position.get("base_seed_drawn", False)
         if self.kind == STATEFUL:
             self.data.load_state_dict(position["state"])  # type: ignore[attr-defined]
             if position["started"]:
@@ -141,7 +164,7 @@ class DataCursor:
         if not position["started"]:
             return None
         if self.kind == LOADER:
-            self._resume_loader(position["epoch_start_rng"])
+            self._resume_loader(position["epoch_start_rng"], position["epoch_draws_base"])
             return None
         if self.kind == SEQUENCE:
             for obj in _epoch_aware(self.data):
@@ -159,7 +182,7 @@ class DataCursor:
             "for an exact resume. See runbooks/resume-mismatch.md"
         )
 
-    def _resume_loader(self, epoch_start_rng: Mapping[str, Any]) -> None:
+    def _resume_loader(self, epoch_start_rng: Mapping[str, Any], draws_base: bool) -> None:
         """Create the epoch's iterator as it was created then, minus the batches used."""
         loader = self.data
         assert isinstance(loader, DataLoader)
@@ -167,9 +190,10 @@ class DataCursor:
             obj.set_epoch(self.epoch)
         self._restore_rng(epoch_start_rng)
         self._epoch_start_rng = dict(epoch_start_rng)
-        skipping = _SkipFirst(loader.batch_sampler if loader.batch_size is not None
-                              else loader.sampler, self.batches_in_epoch)
-        copy = _copy_loader(loader, skipping)
+        self._epoch_draws_base = draws_base
+        batches = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+        skipping = _SkipFirst(batches, self.batches_in_epoch)
+        copy = _copy_loader(loader, skipping, draw_base_seed=draws_base)
         self._iterator = iter(copy)
         skipping.draw()  # the sampler's own randomness, drawn now as it was then
 
@@ -220,17 +244,33 @@ class _SkipFirst:
 _END = object()
 
 
-def _copy_loader(loader: DataLoader[Any], sampler: _SkipFirst) -> DataLoader[Any]:
-    """``loader`` again, same settings and generator, with ``sampler`` as its (batch)
-    sampler. Not persistent: it serves one partial epoch."""
+@contextlib.contextmanager
+def _base_seed_aside(loader: DataLoader[Any]) -> Iterator[None]:
+    """The workers' base seed drawn from a throwaway generator, not the run's streams
+    (the loader's sampler keeps its own generator)."""
+    generator = loader.generator
+    loader.generator = torch.Generator()
+    try:
+        yield
+    finally:
+        loader.generator = generator
+
+
+def _copy_loader(
+    loader: DataLoader[Any], sampler: _SkipFirst, *, draw_base_seed: bool
+) -> DataLoader[Any]:
+    """``loader`` again, same settings, with ``sampler`` as its (batch) sampler; its
+    workers' base seed drawn as the loader draws it, or from a throwaway generator. Not
+    persistent: it serves one partial epoch."""
     workers = loader.num_workers
     common: dict[str, Any] = dict(
         num_workers=workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
         timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context if workers else None,
-        generator=loader.generator, prefetch_factor=loader.prefetch_factor if workers else None,
+        generator=loader.generator if draw_base_seed else torch.Generator(),
+        prefetch_factor=loader.prefetch_factor if workers else None,
         pin_memory_device=loader.pin_memory_device, in_order=loader.in_order,
     )
-    if loader.batch_size is None:
+    if loader.batch_sampler is None:
         return DataLoader(loader.dataset, batch_size=None, sampler=sampler, **common)
     return DataLoader(loader.dataset, batch_sampler=sampler, **common)

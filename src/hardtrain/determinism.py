@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -36,7 +37,16 @@ def set_deterministic() -> None:
     The environment variable only takes effect if CUDA has not been initialised yet: call
     this (or ``seed_everything(..., deterministic=True)``) before the first CUDA operation.
     """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", _CUBLAS_WORKSPACE)
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = _CUBLAS_WORKSPACE
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            warnings.warn(
+                "CUDA is already initialised, so CUBLAS_WORKSPACE_CONFIG set now may not take "
+                "effect and cuBLAS may not be deterministic: export "
+                f"CUBLAS_WORKSPACE_CONFIG={_CUBLAS_WORKSPACE} before starting the job, or call "
+                "seed_everything(..., deterministic=True) before the first CUDA operation.",
+                stacklevel=2,
+            )
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False

@@ -279,6 +279,7 @@ class HardenedTrainer:
         tensors: dict[str, torch.Tensor] = {}
         state = {_STATE_KEY: self._capture(tensors)}
         run.flush_logs()
+        run.collect_finished_save(block=True)  # its result, before save_async waits it away
         if self.checkpoint.async_save:
             run.store.save_async(self.step, tensors, state)
             run.saving = True
@@ -337,6 +338,7 @@ class HardenedTrainer:
         saved_model = unflatten(saved["model"], tensors)
         differences = _model_differences(model.state_dict(), saved_model)
         differences += _signature_differences(saved["signature"], self._signature())
+        differences += _device_differences(saved["rng"])
         if differences:
             raise CheckpointMismatchError(
                 f"{path} does not fit this trainer: " + "; ".join(differences) + ". Nothing "
@@ -396,11 +398,11 @@ class _Run:
     def __post_init__(self) -> None:
         trainer = self.trainer
         self.rank, self.world_size = _dist.rank_and_world_size()
-        self.remote = _is_remote(trainer.run_dir)
         os.makedirs(trainer.log_dir, exist_ok=True)
-        if self.remote and self.rank == 0:
-            self._download_logs()
         self.events = EventLog(os.path.join(trainer.log_dir, "events.jsonl"))
+        self.upload_logs = _is_remote(trainer.run_dir) and self.rank == 0
+        if self.upload_logs:
+            self.upload_logs = self._download_logs()
         if self.world_size > 1:
             self.group = _dist.new_cpu_group()
         policy = trainer.checkpoint
@@ -416,9 +418,10 @@ class _Run:
         if self.metrics is not None:
             self.metrics.write(step, loss, lr, step_time_s)
 
-    def collect_finished_save(self) -> None:
-        """If the background save has finished, take its result (raising its error)."""
-        if self.saving and self.store is not None and not self.store.saving:
+    def collect_finished_save(self, *, block: bool = False) -> None:
+        """If the background save has finished (or ``block``: once it has), take its
+        result, raising its error."""
+        if self.saving and self.store is not None and (block or not self.store.saving):
             self.saving = False
             info = self.store.wait()
             if info is not None:
@@ -427,7 +430,7 @@ class _Run:
     def committed(self, info: CheckpointInfo) -> None:
         self.last_checkpoint = info
         self.saved_at = self.trainer._clock()
-        if self.remote and self.rank == 0:
+        if self.upload_logs:
             self._upload_logs()
 
     def flush_logs(self) -> None:
@@ -456,7 +459,7 @@ class _Run:
         finally:
             if self.metrics is not None:
                 self.metrics.close()
-            if self.remote and self.rank == 0:
+            if self.upload_logs:
                 self._upload_logs()
 
     def _log_files(self) -> list[tuple[str, str]]:
@@ -475,13 +478,22 @@ class _Run:
             self.events.record("logs_upload_failed", level=logging.WARNING,
                                error=f"{type(e).__name__}: {e}")
 
-    def _download_logs(self) -> None:
-        """A restart on a new machine continues the logs already in the remote run_dir."""
-        with contextlib.suppress(Exception):
+    def _download_logs(self) -> bool:
+        """A restart on a new machine continues the logs already in the remote run_dir.
+        If they cannot be fetched, the local logs are not copied up (that would replace
+        the remote history with a shorter one): an event says so, and False."""
+        try:
             fs, _ = fsspec.core.url_to_fs(self.trainer.run_dir, **self.trainer.storage_options)
             for local, remote in self._log_files():
                 if not os.path.exists(local) and fs.exists(remote):
                     fs.get_file(remote, local)
+        except Exception as e:
+            self.events.record(
+                "logs_download_failed", level=logging.WARNING, error=f"{type(e).__name__}: {e}",
+                note=f"logs stay in {self.trainer.log_dir} and are not copied up this run",
+            )
+            return False
+        return True
 
 
 # -------------------------------------------------------------------------------- helpers
@@ -534,7 +546,7 @@ def _model_differences(current: Mapping[str, Any], saved: Mapping[str, Any]) -> 
         found.append(f"model keys missing from the checkpoint: {_some(missing)}")
     if unexpected:
         found.append(f"unexpected model keys in the checkpoint: {_some(unexpected)}")
-    for key in current.keys() & saved.keys():
+    for key in sorted(current.keys() & saved.keys()):
         now, then = current[key], saved[key]
         if isinstance(now, torch.Tensor) and isinstance(then, torch.Tensor) and (
             now.shape != then.shape or now.dtype != then.dtype
@@ -559,6 +571,17 @@ def _signature_differences(saved: Mapping[str, Any], current: Mapping[str, Any])
         else:
             found.append(f"{label}: checkpoint has {then}, this trainer has {now}")
     return found
+
+
+def _device_differences(saved_rng: Mapping[str, Any]) -> list[str]:
+    """The CUDA RNG states saved must fit the devices this process sees."""
+    if "cuda" not in saved_rng:
+        return []
+    saved, found = len(saved_rng["cuda"]), torch.cuda.device_count()
+    if saved == found:
+        return []
+    return [f"RNG state for {saved} CUDA device(s), this process sees {found} (resume with the "
+            "same CUDA_VISIBLE_DEVICES)"]
 
 
 def _describe(then: Any, now: Any) -> str:

@@ -45,6 +45,8 @@ CASES = {
     "loader-sync-accum": (("--every-steps", "3", "--sync", "--accum", "2"), ("--kill-at", "11")),
     "loader-kill-during-save": (("--every-steps", "3"), ("--kill-in-save", "10")),
     "loader-no-workers": (("--every-steps", "5", "--workers", "0"), ("--kill-at", "17")),
+    "persistent-workers": (("--every-steps", "3", "--data", "persistent"), ("--kill-at", "19")),
+    "batch-sampler": (("--every-steps", "3", "--data", "batch-sampler"), ("--kill-at", "12")),
     "stateful-dataloader": (("--every-steps", "3", "--data", "stateful"), ("--kill-at", "20")),
 }
 

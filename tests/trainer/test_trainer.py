@@ -47,6 +47,7 @@ def make(
     optimizer: str = "adamw",
     workers: int = 0,
     generator: torch.Generator | None = None,
+    persistent: bool = False,
     policy: ht.CheckpointPolicy | None = None,
     **kwargs: Any,
 ) -> tuple[ht.HardenedTrainer, Callable[[Any], torch.Tensor]]:
@@ -60,7 +61,7 @@ def make(
     g = torch.Generator().manual_seed(1)
     dataset = TensorDataset(torch.randn(40, 4, generator=g), torch.randn(40, 1, generator=g))
     data = DataLoader(dataset, batch_size=4, shuffle=True, num_workers=workers,
-                      generator=generator)
+                      generator=generator, persistent_workers=persistent)
     ema = Ema(model)
     kwargs.setdefault("extra_state", {"ema": ema})
     trainer = ht.HardenedTrainer(
@@ -104,6 +105,36 @@ def test_loader_with_its_own_generator_and_workers_resumes_exactly(tmp_path: Pat
     trainer, step = job(tmp_path / "b")
     assert trainer.fit(step, max_steps=17).resumed_from == 13
     assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_fit_again_on_the_same_trainer_with_persistent_workers(tmp_path: Path) -> None:
+    trainer, step = make(tmp_path / "a", workers=2, persistent=True)
+    trainer.fit(step, max_steps=24)
+    trainer, step = make(tmp_path / "b", workers=2, persistent=True)
+    trainer.fit(step, max_steps=13)
+    assert trainer.fit(step, max_steps=24).resumed_from == 13  # the same objects, continued
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_checkpoint_from_other_cuda_devices_is_a_mismatch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hardtrain.state
+
+    real = hardtrain.state.capture_rng
+
+    def with_two_gpus(generators: Any) -> dict[str, Any]:
+        return {**real(generators), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+
+    monkeypatch.setattr("hardtrain.trainer.capture_rng", with_two_gpus)
+    trainer, step = make(tmp_path)
+    trainer.fit(step, max_steps=4)
+    monkeypatch.undo()
+    trainer, step = make(tmp_path)
+    with pytest.raises(ht.CheckpointMismatchError, match=r"RNG state for 2 CUDA device\(s\), "
+                       r"this process sees 0"):
+        trainer.fit(step, max_steps=8)
+    assert trainer.step == 0
 
 
 def test_restarting_a_finished_run_loads_the_final_state_and_returns(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import signal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 import hardtrain as ht
 
@@ -45,6 +45,12 @@ def make_data(kind: str, workers: int) -> object:
     dataset = TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g))
     if kind == "loader":
         return DataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers)
+    if kind == "persistent":
+        return DataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers,
+                          persistent_workers=True)
+    if kind == "batch-sampler":
+        batches = BatchSampler(RandomSampler(dataset), batch_size=8, drop_last=False)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers)
     if kind == "stateful":
         from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -56,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--data", default="loader", choices=["loader", "stateful", "iterable"])
+    parser.add_argument("--data", default="loader",
+                        choices=["loader", "persistent", "batch-sampler", "stateful", "iterable"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sync", action="store_true")
     parser.add_argument("--every-steps", type=int, default=4)

@@ -510,7 +510,7 @@ class CheckpointStore:
                 )
             if mismatches := _collect(summaries, "mismatch", collective):
                 raise CheckpointMismatchError(
-                    f"{self._folder_path(candidate)} does not fit: " + "; ".join(mismatches)
+                    f"{self._folder_path(candidate)} does not fit: " + "; ".join(mismatches) + "."
                 )
             problems = _collect(summaries, "problems", collective)
             if not problems and attempt.loaded is not None:
