@@ -1,101 +1,268 @@
-"""The demo: a training run that survives being killed, checked bit for bit.
+"""The demo: train a model, SIGKILL it at random moments, resume it, and check it bit for bit
+against a run that was never interrupted.
 
-1. Runs examples/train_with_store.py to the end without interruption.
-2. Runs it again from scratch, SIGKILLs it at random instants (no chance to clean up:
-   mid-step, mid-save, anywhere), and restarts it each time until it finishes.
-3. Compares the two runs: the loss at every step and every tensor of the final
-   checkpoint must be equal, bit for bit. Exits 1 if they are not.
+1. runs/demo/straight: examples/train_gpt.py trains to the end, uninterrupted.
+2. runs/demo/killed: the same command from scratch, SIGKILLed --kills times at random
+   moments during training (no chance to clean up: mid-step, mid-save, anywhere) and
+   started again with the same command each time, until it finishes.
+3. The two are compared bit for bit: the loss of every step (the last line logged for it,
+   since a step replayed after a resume is logged again) and every tensor of the final
+   checkpoint (weights, AdamW moments, LR schedule, RNG streams, data position). Any
+   difference exits 1. Both loss curves, kills marked: runs/demo/loss_curves.png.
 
-    python examples/kill_and_resume.py [--kills 3] [--steps 300] [--seed 0]
+    python examples/kill_and_resume.py [--kills 3] [--steps 700] [--seed N]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
+import json
+import os
 import random
-import signal
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import hardtrain as ht
 
-SCRIPT = Path(__file__).with_name("train_with_store.py")
+EXAMPLE = Path(__file__).with_name("train_gpt.py")
 
 
-def run(run_dir: Path, steps: int, kill_at: int | None) -> bool:
-    """Run the job once; SIGKILL it once it has logged step ``kill_at``. True if it
-    finished."""
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--run-dir", str(run_dir), "--steps", str(steps)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    while kill_at is not None and proc.poll() is None:
-        if max(losses(run_dir), default=0) >= kill_at:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return False
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.stdout is not None
-    print("   ", " | ".join(proc.stdout.read().split("\n")).strip(" |"))
-    if proc.returncode != 0:
-        raise SystemExit(f"training exited with {proc.returncode}")
-    return True
+@dataclass
+class Start:
+    """One start of the killed run."""
 
-
-def losses(run_dir: Path) -> dict[int, str]:
-    """The loss of each step; a step replayed after a kill keeps its last value."""
-    result = {}
-    path = run_dir / "losses.txt"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        if " " in line:  # a line cut short by a kill is rewritten by the replayed step
-            step, _, loss = line.partition(" ")
-            result[int(step)] = loss
-    return result
+    resumed_from: int | None  # None: a fresh start
+    killed_in_step: int | None = None  # None: it ran to the end
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="picks the kill moments (default: a random seed, printed)")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    work = Path(tempfile.mkdtemp(prefix="hardtrain-demo-"))
+    seed = random.SystemRandom().randrange(10_000) if args.seed is None else args.seed
+    rng = random.Random(seed)
+    straight, killed = args.out / "straight", args.out / "killed"
+    for run_dir in (straight, killed):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    # A shuffled DataLoader with a worker process: the resumed run must get every batch in
+    # the same order, across an epoch boundary, from a worker started afresh.
+    command = [sys.executable, str(EXAMPLE), "--steps", str(args.steps), "--workers", "1",
+               "--sample-chars", "0"]
+    print(f"hardtrain demo: {EXAMPLE.name}, {args.steps} steps, {args.kills} SIGKILLs at random "
+          f"moments (--seed {seed})\n")
 
-    print(f"1. uninterrupted run ({args.steps} steps) in {work / 'clean'}")
-    run(work / "clean", args.steps, None)
+    print(f"1. uninterrupted run -> {straight}")
+    started = time.perf_counter()
+    print("  ", train(command, straight, kill_after=None, rng=rng)[1])
+    print(f"   ({time.perf_counter() - started:.0f} s)\n")
 
-    print(f"2. the same run, SIGKILLed {args.kills} times at random instants")
-    interrupted = work / "killed"
-    kill_steps = sorted(rng.sample(range(1, args.steps), args.kills))
-    for kills, kill_at in enumerate(kill_steps, start=1):
-        run(interrupted, args.steps, kill_at)
-        infos = ht.CheckpointStore(interrupted).list()
-        newest = infos[-1].step if infos else None
-        print(f"   kill {kills} at step ~{kill_at}: newest committed checkpoint is step "
-              f"{newest}; restarting")
-    run(interrupted, args.steps, None)
-    kills = len(kill_steps)
+    print(f"2. the same run from scratch -> {killed}, SIGKILLed {args.kills} times")
+    started = time.perf_counter()
+    # One kill in each of --kills equal stretches of training, at a random step in it.
+    lo, hi = args.steps // 5, args.steps * 9 // 10
+    bounds = [lo + (hi - lo) * i // args.kills for i in range(args.kills + 1)]
+    planned = [rng.randrange(a, b) for a, b in itertools.pairwise(bounds)]
+    starts: list[Start] = []
+    for kill_after in [*planned, None]:
+        if starts and starts[-1].killed_in_step is None:
+            break  # the previous start finished before its kill
+        if kill_after is not None and starts:  # past the last kill: every start makes progress
+            kill_after = max(kill_after, starts[-1].killed_in_step or 0)
+        last_logged, output = train(command, killed, kill_after=kill_after, rng=rng)
+        start = Start(starts_in_events(killed)[len(starts)])
+        starts.append(start)
+        where = "fresh start" if start.resumed_from is None else (
+            f"resumed at step {start.resumed_from}")
+        if last_logged is None:
+            print(f"   start {len(starts)}: {where:<21} -> {output}")
+            continue
+        start.killed_in_step = last_logged + 1
+        newest = ht.CheckpointStore(killed).latest()
+        print(f"   start {len(starts)}: {where:<21} -> SIGKILL in step {start.killed_in_step} "
+              f"(newest checkpoint then: {'none' if newest is None else f'step {newest.step}'})")
+    print(f"   ({time.perf_counter() - started:.0f} s)\n")
 
-    print("3. comparing the two runs")
-    clean_losses, killed_losses = losses(work / "clean"), losses(interrupted)
-    diverged = [s for s in clean_losses if clean_losses[s] != killed_losses.get(s)]
-    clean = ht.CheckpointStore(work / "clean").load().tensors
-    resumed = ht.CheckpointStore(interrupted).load().tensors
-    different = [k for k in clean if not torch.equal(clean[k], resumed[k])]
-    print(f"   losses compared: {len(clean_losses)} steps, {len(diverged)} differ")
-    print(f"   final tensors compared: {len(clean)}, {len(different)} differ")
-    if diverged or different:
-        print(f"DIVERGED: first step {diverged[:1]}, tensors {different[:3]}")
+    print("3. comparing the two runs, bit for bit")
+    same = compare(straight, killed, starts)
+    plot(args.out / "loss_curves.png", losses(straight), losses(killed), starts)
+    kills = ", ".join(str(s.killed_in_step) for s in starts if s.killed_in_step is not None)
+    if not same:
+        print(f"\nDIFFERENT: the run killed in steps {kills} and resumed is not the "
+              "uninterrupted run (see above).")
         return 1
-    print(f"BIT-EXACT: {kills} kills survived; final weights and every loss are identical.")
+    print(f"\nBIT-EXACT: killed in steps {kills} and resumed each time, the run ended with "
+          "every loss and every tensor of its final checkpoint identical to the "
+          "uninterrupted run.")
     return 0
+
+
+def train(command: list[str], run_dir: Path, *, kill_after: int | None,
+          rng: random.Random) -> tuple[int | None, str]:
+    """Start the training command once. With ``kill_after``: once this start has logged
+    that step, SIGKILL it a random instant later (up to 0.1 s: mid-step or mid-save).
+    Returns the last step this start logged if it was killed (else None), and its output.
+    """
+    metrics = run_dir / "metrics.jsonl"
+    offset = metrics.stat().st_size if metrics.exists() else 0  # earlier starts' lines
+    # One thread unless OMP_NUM_THREADS says otherwise: this small model gains little from
+    # more, and a thread pool larger than the idle cores slows every step several times.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen([*command, "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    while kill_after is not None and proc.poll() is None:
+        if max(logged_steps(metrics, offset), default=0) >= kill_after:
+            time.sleep(rng.uniform(0, 0.1))
+            proc.kill()  # SIGKILL
+            proc.wait()  # not communicate(): an orphaned loader worker holds stdout open
+            assert proc.stdout is not None
+            proc.stdout.close()
+            return max(logged_steps(metrics, offset)), ""
+        time.sleep(0.01)
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited with {proc.returncode}:\n{out}")
+    return None, out.strip()
+
+
+def logged_steps(metrics: Path, offset: int) -> list[int]:
+    """The steps in metrics.jsonl after byte ``offset`` (a line cut short is skipped)."""
+    if not metrics.exists():
+        return []
+    with metrics.open("rb") as f:
+        f.seek(offset)
+        lines = f.read().split(b"\n")[:-1]
+    return [json.loads(line)["step"] for line in lines]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; the last line written for each step (a replayed step is written again)."""
+    found: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        found[entry["step"]] = entry["loss"]
+    return found
+
+
+def starts_in_events(run_dir: Path) -> list[int | None]:
+    """For each start of the run, in order: the checkpoint step it resumed from, or None for
+    a fresh start (from events.jsonl)."""
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return [e.get("from_step") for e in events if e["event"] in ("training_started", "resumed")]
+
+
+def compare(straight: Path, killed: Path, starts: list[Start]) -> bool:
+    """Print both runs' fingerprints side by side and every difference; True if none."""
+    a, b = losses(straight), losses(killed)
+    loss_diffs = [s for s in sorted(a.keys() | b.keys()) if a.get(s) != b.get(s)]
+    ca, cb = ht.CheckpointStore(straight).load(), ht.CheckpointStore(killed).load()
+    names = sorted(ca.tensors.keys() | cb.tensors.keys())
+    tensor_diffs = [n for n in names if n not in ca.tensors or n not in cb.tensors
+                    or not torch.equal(ca.tensors[n], cb.tensors[n])]
+    state_diffs = json_differences(ca.state, cb.state)
+    kills = sum(s.killed_in_step is not None for s in starts)
+    print(f"   {'':<34}{'uninterrupted':<22}killed {kills}x and resumed")
+    rows = [(f"loss curve ({len(a)} steps)", curve_digest(a), curve_digest(b)),
+            (f"final checkpoint ({len(ca.tensors)} tensors)",
+             tensors_digest(ca.tensors), tensors_digest(cb.tensors))]
+    for label, da, db in rows:
+        print(f"   {label:<34}{'sha256 ' + da[:12]:<22}sha256 {db[:12]}"
+              f"  {'same' if da == db else 'DIFFERENT'}")
+    print(f"   losses equal (==): {len(a) - len(loss_diffs)} of {len(a)} steps; tensors equal "
+          f"(torch.equal): {len(names) - len(tensor_diffs)} of {len(names)}")
+    print(f"   final step: {ca.step} and {cb.step}; the checkpoint's other state (JSON): "
+          f"{'equal' if not state_diffs else 'DIFFERENT'}")
+    for step in loss_diffs[:5]:
+        print(f"   step {step}: loss {a.get(step)!r} vs {b.get(step)!r}")
+    for name in tensor_diffs[:5]:
+        print(f"   tensor {name} differs")
+    for difference in state_diffs[:5]:
+        print(f"   {difference}")
+    return not (loss_diffs or tensor_diffs or state_diffs) and ca.step == cb.step
+
+
+def json_differences(a: Any, b: Any, path: str = "state") -> list[str]:
+    """Where two JSON trees differ, as 'path: value vs value'."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(a.keys() | b.keys()) for d in
+                json_differences(a.get(k, "(absent)"), b.get(k, "(absent)"), f"{path}/{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                for d in json_differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r:.60} vs {b!r:.60}"]
+
+
+def curve_digest(curve: dict[int, float]) -> str:
+    text = "\n".join(f"{step} {loss!r}" for step, loss in sorted(curve.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name} {t.dtype} {list(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def plot(path: Path, straight: dict[int, float], killed: dict[int, float],
+         starts: list[Start]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("   no plot: matplotlib is missing (pip install -e '.[examples]')")
+        return
+    fig, (curves, diff) = plt.subplots(2, 1, sharex=True, figsize=(10, 6),
+                                       height_ratios=[3, 1], layout="constrained")
+    steps = sorted(straight)
+    curves.plot(steps, [straight[s] for s in steps], color="tab:blue", lw=4, alpha=0.35,
+                label="uninterrupted")
+    ksteps = sorted(killed)
+    curves.plot(ksteps, [killed[s] for s in ksteps], color="black", lw=0.7,
+                label="killed and resumed (last value logged per step)")
+    for i, (start, after) in enumerate(itertools.pairwise(starts)):
+        if start.killed_in_step is None:
+            continue
+        curves.axvspan(after.resumed_from or 0, start.killed_in_step, color="tab:red", alpha=0.12,
+                       label="replayed after the restart" if i == 0 else None)
+        curves.axvline(start.killed_in_step, color="tab:red", ls="--", lw=1.2,
+                       label="SIGKILL" if i == 0 else None)
+        curves.annotate(f"kill {i + 1}\nstep {start.killed_in_step}",
+                        (start.killed_in_step, 0.97), xycoords=("data", "axes fraction"),
+                        xytext=(4, 0), textcoords="offset points", va="top", fontsize=8,
+                        color="tab:red")
+    curves.set_ylabel("training loss")
+    curves.set_title(f"{EXAMPLE.name}: uninterrupted vs SIGKILLed and resumed")
+    curves.legend(loc="upper right", bbox_to_anchor=(1.0, 0.85), fontsize=8)
+    common = [s for s in steps if s in killed]
+    delta = [killed[s] - straight[s] for s in common]
+    diff.plot(common, delta, color="black", lw=1)
+    exact = all(d == 0 for d in delta) and len(common) == len(steps)
+    if exact:
+        diff.set_ylim(-1, 1)
+    diff.set_ylabel("difference")
+    diff.set_xlabel("step")
+    diff.set_title("killed minus uninterrupted: "
+                   + ("exactly 0 at every step" if exact else "NOT ZERO"), fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"   plot: {path}")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ class DataCursor:
         if not position["started"]:
             return None
         if self.kind == LOADER:
-            self._resume_loader(position["epoch_start_rng"], position["epoch_draws_base"])
+            draws_base = position.get("epoch_draws_base", True)
+            self._resume_loader(position["epoch_start_rng"], draws_base)
             return None
         if self.kind == SEQUENCE:
             for obj in _epoch_aware(self.data):
