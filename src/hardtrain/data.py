@@ -115,8 +115,7 @@ class DataCursor:
             shutdown()
 
     def _start_epoch(self) -> None:
-        for obj in _epoch_aware(self.data):
-            obj.set_epoch(self.epoch)
+        _set_epoch(self.data, self.epoch)
         if self.kind != LOADER:
             self._iterator = iter(self.data)
             return
@@ -124,10 +123,9 @@ class DataCursor:
         assert isinstance(loader, DataLoader)
         self._epoch_start_rng = self._capture_rng()
         self._epoch_draws_base = not (loader.persistent_workers and self._base_seed_drawn)
-        live = getattr(loader, "_iterator", None) is not None  # a persistent one: no draw
-        with contextlib.nullcontext() if self._epoch_draws_base or live else _base_seed_aside(
-            loader
-        ):
+        # a live persistent iterator is reused and draws nothing; a new one must not draw
+        quiet = not self._epoch_draws_base and getattr(loader, "_iterator", None) is None
+        with _base_seed_aside(loader) if quiet else contextlib.nullcontext():
             self._iterator = iter(loader)
         self._base_seed_drawn = self._base_seed_drawn or loader.persistent_workers
 
@@ -157,8 +155,7 @@ class DataCursor:
         if self.kind == STATEFUL:
             self.data.load_state_dict(position["state"])  # type: ignore[attr-defined]
             if position["started"]:
-                for obj in _epoch_aware(self.data):
-                    obj.set_epoch(self.epoch)
+                _set_epoch(self.data, self.epoch)
                 self._iterator = iter(self.data)
             return None
         if not position["started"]:
@@ -168,8 +165,7 @@ class DataCursor:
             self._resume_loader(position["epoch_start_rng"], draws_base)
             return None
         if self.kind == SEQUENCE:
-            for obj in _epoch_aware(self.data):
-                obj.set_epoch(self.epoch)
+            _set_epoch(self.data, self.epoch)
             self._iterator = itertools.islice(iter(self.data), self.batches_in_epoch, None)
             return None
         skipped = self.batches_in_epoch
@@ -187,8 +183,7 @@ class DataCursor:
         """Create the epoch's iterator as it was created then, minus the batches used."""
         loader = self.data
         assert isinstance(loader, DataLoader)
-        for obj in _epoch_aware(loader):
-            obj.set_epoch(self.epoch)
+        _set_epoch(loader, self.epoch)
         self._restore_rng(epoch_start_rng)
         self._epoch_start_rng = dict(epoch_start_rng)
         self._epoch_draws_base = draws_base
@@ -199,14 +194,17 @@ class DataCursor:
         skipping.draw()  # the sampler's own randomness, drawn now as it was then
 
 
-def _epoch_aware(data: Any) -> list[Any]:
+def _set_epoch(data: Any, epoch: int) -> None:
+    """``set_epoch(epoch)`` on the data, its sampler and its batch sampler's sampler,
+    where they have it, once each."""
     objs = [data, getattr(data, "sampler", None),
             getattr(getattr(data, "batch_sampler", None), "sampler", None)]
     unique: dict[int, Any] = {}
     for obj in objs:
         if obj is not None and callable(getattr(obj, "set_epoch", None)):
             unique.setdefault(id(obj), obj)
-    return list(unique.values())
+    for obj in unique.values():
+        obj.set_epoch(epoch)
 
 
 class _SkipFirst:
