@@ -86,7 +86,8 @@ def test_train_mlp_killed_and_restarted_equals_an_uninterrupted_run(
 
     died = launch(python, tmp_path / "killed", MLP, (9, 0), killer)
     assert died.returncode == -signal.SIGKILL, died.stderr
-    assert max(losses(tmp_path / "killed")) == 9  # it died in step 10
+    # it died in step 10; lines after the last checkpoint may not have been flushed yet
+    assert 4 <= max(losses(tmp_path / "killed")) <= 9
     resumed = launch(python, tmp_path / "killed", MLP)
     assert resumed.returncode == 0, resumed.stderr
     # The save at step 8 waited for the one at 4 to commit; it may not have committed itself.

@@ -63,14 +63,19 @@ class MetricsLog:
     A CUDA loss is copied to the host without blocking and written once that copy is done
     (checked without a device sync), so logging adds no host-device synchronisation per
     step; ``flush()`` writes everything, waiting for the device if needed. Lines reach the
-    OS at once (a killed process keeps them); ``flush(durable=True)`` also fsyncs.
+    OS at least once a second and at every ``flush()``: the trainer flushes (durably)
+    before each checkpoint, so a killed process loses only lines of steps after its last
+    checkpoint, which the restart replays and writes again.
     """
+
+    flush_every_s = 1.0
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._pending: deque[tuple[dict[str, Any], Any, Any]] = deque()
+        self._flushed_at = time.monotonic()
 
     def write(self, step: int, loss: Any, lr: float | None, step_time_s: float) -> None:
         entry: dict[str, Any] = {"step": step, "loss": None, "lr": lr,
@@ -93,6 +98,7 @@ class MetricsLog:
     def flush(self, *, durable: bool = False) -> None:
         self._write_ready(block=True)
         self._file.flush()
+        self._flushed_at = time.monotonic()
         if durable:
             os.fsync(self._file.fileno())
 
@@ -115,4 +121,7 @@ class MetricsLog:
 
     def _emit(self, entry: dict[str, Any]) -> None:
         self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
+        now = time.monotonic()
+        if now - self._flushed_at >= self.flush_every_s:
+            self._file.flush()
+            self._flushed_at = now

@@ -30,6 +30,7 @@ _FORMAT = 1
 _STATE_KEY = "hardtrain"
 StepFn = Callable[[Any], Any]
 _DEFAULT_CHECKPOINT = CheckpointPolicy()
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,8 @@ class HardenedTrainer:
         started = time.perf_counter()
         with self._open_run() as run:
             resumed_from = self._resume_or_start(run)
+            if run.world_size > 2:
+                _settle_ddp_buckets(self.model)
             if self.step >= max_steps:
                 logger.info("rank=%d run already at step %d (max_steps=%d): nothing to train",
                             run.rank, self.step, max_steps)
@@ -201,7 +204,7 @@ class HardenedTrainer:
         for micro in range(accum):
             batch = self._cursor.next_batch()
             sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
-            with contextlib.nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]
+            with _NO_CONTEXT if sync else self.model.no_sync():  # type: ignore[operator]
                 loss = step_fn(batch)
                 if not isinstance(loss, torch.Tensor):
                     raise TypeError(f"step_fn returned {type(loss).__name__}: expected the loss "
@@ -268,7 +271,7 @@ class HardenedTrainer:
         due = final
         if policy.every_steps is not None and self.step % policy.every_steps == 0:
             due = True
-        every_s = policy.every_s
+        every_s = run.every_s
         if every_s is not None and not run.saving and self._clock() - run.saved_at >= every_s:
             due = True
         return _dist.vote_any([due], run.group)[0]
@@ -394,6 +397,7 @@ class _Run:
     saved_at: float = 0.0  # clock() when the last save finished (or the run started)
     saved_step: int | None = None
     last_checkpoint: CheckpointInfo | None = None
+    every_s: float | None = None
 
     def __post_init__(self) -> None:
         trainer = self.trainer
@@ -407,6 +411,7 @@ class _Run:
             self.group = _dist.new_cpu_group()
         policy = trainer.checkpoint
         if policy is not None:
+            self.every_s = policy.every_s
             self.store = CheckpointStore(trainer.run_dir, keep_last=policy.keep_last,
                                          events=self.events,
                                          storage_options=trainer.storage_options)
@@ -532,6 +537,27 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+def _settle_ddp_buckets(model: torch.nn.Module) -> None:
+    """Make DDP's one-time gradient-bucket rebuild (at a process's second forward) use
+    parameter order instead of the order gradients became ready in its first backward.
+
+    Without this, an uninterrupted run does its first step with DDP's initial buckets and
+    the rest with rebuilt ones, while a restarted process does its first step after the
+    resume with the initial buckets again. With 3 or more ranks the all-reduce sums each
+    element in an order that depends on its place in the bucket, so the bits differ.
+    With this, every process of both runs uses the same buckets from its first step on.
+    Relies on DDP's ``reducer._push_all_rebuilt_params`` (DDP's own Join hook uses it);
+    without it, nothing is done. Costs some overlap of communication with backward.
+    """
+    while not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = getattr(model, "_orig_mod", None)  # type: ignore[assignment]
+        if not isinstance(model, torch.nn.Module):
+            return
+    push = getattr(getattr(model, "reducer", None), "_push_all_rebuilt_params", None)
+    if callable(push):
+        push()
 
 
 def _class_name(obj: Any) -> str:

@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--deep", action="store_true", help="6 layers in 3 small DDP buckets")
     args = parser.parse_args()
 
     distributed = "RANK" in os.environ
@@ -34,9 +35,14 @@ def main() -> None:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if distributed else 0
     ht.seed_everything(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.25),
-                                torch.nn.Linear(16, 1))
-    ddp = DistributedDataParallel(model) if distributed else model
+    if args.deep:
+        layers = [torch.nn.Linear(6, 64)] + [torch.nn.Linear(64, 64) for _ in range(4)]
+        model = torch.nn.Sequential(*layers, torch.nn.Dropout(0.25), torch.nn.Linear(64, 1))
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.25),
+                                    torch.nn.Linear(16, 1))
+    buckets = {"bucket_cap_mb": 0.02} if args.deep else {}
+    ddp = DistributedDataParallel(model, **buckets) if distributed else model
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
     g = torch.Generator().manual_seed(5)

@@ -1,4 +1,4 @@
-"""HardenedTrainer under torchrun: two ranks, DDP, a DistributedSampler, gloo on CPU.
+"""HardenedTrainer under torchrun: two and three ranks, DDP, a DistributedSampler, gloo.
 
 A run killed on one rank and started again equals the uninterrupted run on every rank:
 each rank's per-step losses and each rank's final checkpoint, bit for bit.
@@ -22,9 +22,11 @@ WORKER = Path(__file__).with_name("trainer_worker.py")
 pytestmark = pytest.mark.timeout(300)
 
 
-def torchrun(run_dir: Path, results: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    run_dir: Path, results: Path, *args: str, ranks: int = 2
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
          str(WORKER), str(run_dir), str(results), *args],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -83,3 +85,17 @@ def test_resuming_with_another_world_size_is_an_error(runs: dict[str, Path]) -> 
     assert "runbooks/resume-mismatch.md" in alone.stderr
     assert sorted(p.name for p in (runs["killed"] / "checkpoints").iterdir()) == before
     assert ht.CheckpointStore(runs["killed"]).latest().step == 14  # type: ignore[union-attr]
+
+
+def test_three_ranks_with_several_buckets_restart_exactly(tmp_path: Path) -> None:
+    """DDP rebuilds its buckets once per process; with 3 ranks the all-reduce's sums depend
+    on the layout, so a restarted process must get the same one (_settle_ddp_buckets)."""
+    for name in ("a", "b", "a-out", "b-out"):
+        (tmp_path / name).mkdir()
+    args = ("--deep", "--steps")
+    done = torchrun(tmp_path / "a", tmp_path / "a-out", *args, "12", ranks=3)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for steps in ("6", "12"):  # stopped at 6, started again
+        done = torchrun(tmp_path / "b", tmp_path / "b-out", *args, steps, ranks=3)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(tmp_path / "a", tmp_path / "b", ranks=3)
