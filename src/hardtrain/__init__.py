@@ -20,7 +20,9 @@ from hardtrain.errors import (
     CheckpointWriteError,
     HardtrainError,
     NoCheckpointError,
+    Preempted,
 )
+from hardtrain.preemption import PreemptionGuard, PreemptionPolicy
 from hardtrain.telemetry import EventLog
 from hardtrain.trainer import FitResult, HardenedTrainer
 
@@ -42,6 +44,9 @@ __all__ = [
     "HardtrainError",
     "LoadedCheckpoint",
     "NoCheckpointError",
+    "Preempted",
+    "PreemptionGuard",
+    "PreemptionPolicy",
     "VerifyReport",
     "__version__",
     "seed_everything",

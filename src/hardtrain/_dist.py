@@ -51,11 +51,12 @@ def all_gather_json(obj: Any, group: Any) -> list[Any]:
     ]
 
 
-def vote_any(flags: list[bool], group: Any) -> list[bool]:
-    """Collective: every rank must call this, with as many flags. Each flag is True on
-    every rank if it is True on any rank: one small all-reduce (MAX) on ``group``."""
+def vote_max(values: list[int], group: Any) -> list[int]:
+    """Collective: every rank must call this, with as many values (each 0..255). Each
+    value becomes its maximum over the ranks: one small all-reduce (MAX) on ``group``.
+    A flag is True anywhere if it is True somewhere; a signal number survives the vote."""
     if group is None or not is_distributed():
-        return flags
-    votes = torch.tensor([int(f) for f in flags], dtype=torch.uint8)
+        return values
+    votes = torch.tensor(values, dtype=torch.uint8)
     dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
-    return [bool(v) for v in votes.tolist()]
+    return [int(v) for v in votes.tolist()]

@@ -8,14 +8,20 @@
         ├── NoCheckpointError (also FileNotFoundError) nothing committed (for that step)
         └── CheckpointMismatchError (also ValueError) the checkpoint does not fit what loads it
 
+    Preempted (a SystemExit, deliberately not an Exception)   fit stopped on a signal
+
+
 Every message says what happened, with the values, what to do next, and names the runbook
 (``runbook`` attribute) for the person on call.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 CHECKPOINT_RUNBOOK = "runbooks/checkpoint-corruption.md"
 RESUME_MISMATCH_RUNBOOK = "runbooks/resume-mismatch.md"
+PREEMPTION_RUNBOOK = "runbooks/preemption.md"
 
 
 class HardtrainError(Exception):
@@ -58,3 +64,32 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     different model, optimizer, world size, ...). Raised before anything is loaded."""
 
     runbook = RESUME_MISMATCH_RUNBOOK
+
+
+class Preempted(SystemExit):
+    """``fit`` stopped because the process is about to be killed (a preemption signal).
+
+    A ``SystemExit``, so that ``except Exception`` in user code does not catch it, code
+    after ``fit`` never runs as if training had finished, and the process exits with
+    ``code`` (by default 128 + the signal's number: 143 for SIGTERM), which restart
+    policies (Kubernetes, SLURM ``--requeue``, torchrun ``--max-restarts``) treat as
+    "restart me". Start the same command again to continue from ``checkpoint``.
+
+    step: the step every rank stopped after. signal: the signal's name.
+    checkpoint: the newest committed checkpoint (``CheckpointInfo``), or None.
+    saved: whether ``step`` itself was checkpointed before exiting.
+    """
+
+    runbook = PREEMPTION_RUNBOOK
+
+    def __init__(self, code: int, message: str, *, step: int, signal: str | None,
+                 checkpoint: Any, saved: bool) -> None:
+        super().__init__(code)
+        self.message = f"{message} See {self.runbook}"
+        self.step = step
+        self.signal = signal
+        self.checkpoint = checkpoint
+        self.saved = saved
+
+    def __str__(self) -> str:
+        return self.message

@@ -8,9 +8,10 @@ import os
 import re
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import fsspec
 import torch
@@ -20,7 +21,13 @@ from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
 from hardtrain.checkpoint._policy import CheckpointPolicy
 from hardtrain.data import DataCursor, generators_of
 from hardtrain.determinism import seed_everything, set_deterministic
-from hardtrain.errors import CheckpointMismatchError, NoCheckpointError
+from hardtrain.errors import (
+    CheckpointMismatchError,
+    CheckpointWriteError,
+    NoCheckpointError,
+    Preempted,
+)
+from hardtrain.preemption import PreemptionGuard, PreemptionPolicy, signal_name
 from hardtrain.state import capture_rng, flatten, restore_rng, unflatten
 from hardtrain.telemetry import EventLog, MetricsLog
 
@@ -30,6 +37,8 @@ _FORMAT = 1
 _STATE_KEY = "hardtrain"
 StepFn = Callable[[Any], Any]
 _DEFAULT_CHECKPOINT = CheckpointPolicy()
+_DEFAULT_PREEMPTION = PreemptionPolicy()
+_EXIT_SHARE = 0.1  # of the preemption deadline, left for the process to exit
 _NO_CONTEXT = contextlib.nullcontext()
 
 
@@ -59,13 +68,17 @@ class HardenedTrainer:
     ``fit`` reads, in pseudocode::
 
         open the run: checkpoint store, metrics.jsonl, events.jsonl
+        install the preemption signal handlers (they only set a flag)
         resume from the newest verified checkpoint (or seed a fresh start)
         while step < max_steps:
             batch = next batch (a new epoch when the data runs out)
             loss = step_fn(batch); backward; clip; optimizer step; scheduler step
             step += 1; one line in metrics.jsonl
-            if the ranks vote a checkpoint due: save (async: copy, then write in background)
-        final checkpoint at max_steps; close
+            the ranks vote (one all-reduce): stop? checkpoint due?
+            if stop: finish or abandon the save in flight, save this step if it fits
+                     before the deadline, raise ht.Preempted (exit 128 + signal)
+            if checkpoint due: save (async: copy, then write in background)
+        final checkpoint at max_steps; close; restore the signal handlers
 
     model: an ``nn.Module`` (DDP and ``torch.compile`` wrappers are saved unwrapped).
     optimizer: an optimizer, or ``{name: optimizer}`` for several.
@@ -75,6 +88,8 @@ class HardenedTrainer:
     scaler: a ``torch.amp.GradScaler``, or None.
     extra_state: ``{name: obj}``, each with ``state_dict()``/``load_state_dict()``.
     checkpoint: when to save (``CheckpointPolicy``); None for no checkpoints (and no resume).
+    preemption: what a preemption signal does (``PreemptionPolicy``); None keeps the
+        signals' default actions (SIGTERM kills the process at once).
     seed: seeds every generator at a fresh start (``seed_everything``); None leaves them.
     deterministic: deterministic kernels (``set_deterministic``), on every start.
     config: the run's configuration, kept with the run (``trainer.config``).
@@ -99,6 +114,7 @@ class HardenedTrainer:
         scaler: Any | None = None,
         extra_state: Mapping[str, Any] | None = None,
         checkpoint: CheckpointPolicy | None = _DEFAULT_CHECKPOINT,
+        preemption: PreemptionPolicy | None = _DEFAULT_PREEMPTION,
         seed: int | None = None,
         deterministic: bool = False,
         config: Any = None,
@@ -130,6 +146,9 @@ class HardenedTrainer:
         if checkpoint is not None and not isinstance(checkpoint, CheckpointPolicy):
             raise TypeError(f"checkpoint={checkpoint!r}: expected ht.CheckpointPolicy or None")
         self.checkpoint = checkpoint
+        if preemption is not None and not isinstance(preemption, PreemptionPolicy):
+            raise TypeError(f"preemption={preemption!r}: expected ht.PreemptionPolicy or None")
+        self.preemption = preemption
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32
         ):
@@ -166,6 +185,9 @@ class HardenedTrainer:
         manual: step_fn does its own zero_grad, backward, optimizer and scheduler steps
             (several optimizers, GANs) and returns the loss to log; one call is one step.
             Everything it touches is still saved if it was given to the trainer.
+
+        Raises ``ht.Preempted`` (a ``SystemExit``) after a preemption signal, once the
+        state is saved as far as the deadline allowed.
         """
         _check_fit_args(max_steps, grad_accum_steps, max_grad_norm, manual)
         started = time.perf_counter()
@@ -179,6 +201,8 @@ class HardenedTrainer:
                 return FitResult(self.step, 0, resumed_from, None, run.last_checkpoint,
                                  time.perf_counter() - started)
             first_step, loss = self.step, None
+            if stop := self._vote(run, due=False)[1]:  # a signal during start-up or resume
+                self._stop(run, stop)
             while self.step < max_steps:
                 step_started, lr = time.perf_counter(), self._lr()  # the lr this step uses
                 if manual:
@@ -187,9 +211,14 @@ class HardenedTrainer:
                     loss = self._train_step(step_fn, grad_accum_steps, max_grad_norm)
                 self.step += 1
                 run.record_step(self.step, loss, lr, time.perf_counter() - step_started)
-                if self._checkpoint_due(run, final=self.step == max_steps):
+                save, stop = self._vote(run, due=self._checkpoint_due(run, self.step == max_steps))
+                if stop:
+                    self._stop(run, stop)
+                if save:
                     self._save(run)
             run.finish()
+            if stop := self._vote(run, due=False)[1]:  # a signal during the final save
+                self._stop(run, stop)
             final_loss = None if loss is None else float(loss)
             run.events.record("training_finished", step=self.step,
                               num_steps=self.step - first_step, final_loss=final_loss)
@@ -232,11 +261,14 @@ class HardenedTrainer:
 
     @contextlib.contextmanager
     def _open_run(self) -> Iterator[_Run]:
-        run = _Run(self)
-        try:
-            yield run
-        finally:
-            run.close()
+        guard = None if self.preemption is None else PreemptionGuard(self.preemption,
+                                                                     clock=self._clock)
+        with guard or contextlib.nullcontext():
+            run = _Run(self, guard)
+            try:
+                yield run
+            finally:
+                run.close()
 
     def _resume_or_start(self, run: _Run) -> int | None:
         """Load the newest verified checkpoint into the user's objects, or start fresh."""
@@ -262,33 +294,85 @@ class HardenedTrainer:
                           epoch=self._cursor.epoch)
         return loaded.step
 
-    def _checkpoint_due(self, run: _Run, *, final: bool) -> bool:
-        """Collective when distributed: every rank must call this at every step."""
+    def _checkpoint_due(self, run: _Run, final: bool) -> bool:
+        """This rank's view: is a checkpoint due after this step? (Local, no collective.)"""
         policy = self.checkpoint
         if policy is None:
             return False
         run.collect_finished_save()
-        due = final
-        if policy.every_steps is not None and self.step % policy.every_steps == 0:
-            due = True
+        if final or (policy.every_steps is not None and self.step % policy.every_steps == 0):
+            return True
         every_s = run.every_s
-        if every_s is not None and not run.saving and self._clock() - run.saved_at >= every_s:
-            due = True
-        return _dist.vote_any([due], run.group)[0]
+        return every_s is not None and not run.saving and self._clock() - run.saved_at >= every_s
 
-    def _save(self, run: _Run) -> None:
+    def _vote(self, run: _Run, *, due: bool) -> tuple[bool, int]:
+        """Collective when distributed: every rank must call this at every step. One
+        all-reduce: (save, stop) where save is True if due on any rank and stop is the
+        preemption signal's number if any rank received one, else 0."""
+        signum = run.guard.signum if run.guard is not None and run.guard.signum else 0
+        save, stop = _dist.vote_max([int(due), signum], run.group)
+        return bool(save), stop
+
+    def _save(self, run: _Run, *, sync: bool = False) -> None:
         """Collective when distributed."""
         assert run.store is not None and self.checkpoint is not None
+        started = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
         state = {_STATE_KEY: self._capture(tensors)}
         run.flush_logs()
         run.collect_finished_save(block=True)  # its result, before save_async waits it away
-        if self.checkpoint.async_save:
+        run.capture_s = time.perf_counter() - started
+        if self.checkpoint.async_save and not sync:
             run.store.save_async(self.step, tensors, state)
             run.saving = True
         else:
             run.committed(run.store.save(self.step, tensors, state))
         run.saved_step = self.step
+
+    def _stop(self, run: _Run, signum: int) -> NoReturn:
+        """Collective when distributed. Every rank stops at this step: the save in flight
+        is finished (or abandoned when it would end too late), this step is saved if
+        earlier saves say it fits before the deadline, then ht.Preempted."""
+        assert run.guard is not None and self.preemption is not None
+        deadline_s = self.preemption.deadline_s
+        now = self._clock()
+        received_at = run.guard.received_at if run.guard.received_at is not None else now
+        deadline_at = received_at + deadline_s * (1 - _EXIT_SHARE)
+        signalled = _dist.all_gather_json(run.guard.signum, run.group) if run.group else [
+            run.guard.signum]
+        run.events.record("preemption_requested", level=logging.WARNING, step=self.step,
+                          signal=signal_name(signum),
+                          signalled_ranks=[r for r, s in enumerate(signalled) if s])
+        if run.store is not None:
+            run.finish_or_abandon(deadline_at - self._clock())
+            if run.saved_step != self.step and self.step > 0:  # step 0: nothing to lose
+                too_slow = run.save_too_slow(deadline_at - self._clock())
+                if not _dist.vote_max([int(too_slow is not None)], run.group)[0]:
+                    with contextlib.suppress(CheckpointWriteError):  # an event already
+                        self._save(run, sync=True)
+                else:
+                    run.events.record(
+                        "preemption_save_skipped", level=logging.WARNING, step=self.step,
+                        reason=too_slow or "another rank's estimate said it would not fit",
+                        deadline_s=deadline_s,
+                    )
+        last = run.last_checkpoint
+        saved = last is not None and last.step == self.step
+        code = self.preemption.exit_code_for(signum)
+        run.events.record(
+            "preempted", level=logging.WARNING, step=self.step, signal=signal_name(signum),
+            exit_code=code, saved=saved, checkpoint_step=None if last is None else last.step,
+            since_signal_s=round(self._clock() - received_at, 3), deadline_s=deadline_s,
+            num_signals=run.guard.num_received,
+        )
+        where = ("this step is checkpointed" if saved else
+                 f"the newest checkpoint is {last.path}" if last is not None else
+                 "there is no checkpoint")
+        message = (f"stopped at step {self.step} on {signal_name(signum)}; {where}. Exit code "
+                   f"{code}: start the same command again to continue.")
+        logger.warning("rank=%d %s", run.rank, message)
+        raise Preempted(code, message, step=self.step, signal=signal_name(signum),
+                        checkpoint=last, saved=saved)
 
     # -------------------------------------------------------------------------- state
 
@@ -387,6 +471,7 @@ class _Run:
     """What one ``fit`` call holds open: store, logs, vote group, save bookkeeping."""
 
     trainer: HardenedTrainer
+    guard: PreemptionGuard | None = None
     store: CheckpointStore | None = None
     events: EventLog = field(init=False)
     metrics: MetricsLog | None = None
@@ -398,12 +483,18 @@ class _Run:
     saved_step: int | None = None
     last_checkpoint: CheckpointInfo | None = None
     every_s: float | None = None
+    capture_s: float = 0.0  # the last save's capture time (before the store's part)
+    save_costs: deque[float] = field(default_factory=lambda: deque(maxlen=4))
 
     def __post_init__(self) -> None:
         trainer = self.trainer
         self.rank, self.world_size = _dist.rank_and_world_size()
         os.makedirs(trainer.log_dir, exist_ok=True)
         self.events = EventLog(os.path.join(trainer.log_dir, "events.jsonl"))
+        if self.guard is not None and not self.guard.armed:
+            self.events.record("preemption_unarmed", level=logging.WARNING,
+                               reason="fit is not running in the main thread, where signal "
+                               "handlers must be installed; signals keep their default action")
         self.upload_logs = _is_remote(trainer.run_dir) and self.rank == 0
         if self.upload_logs:
             self.upload_logs = self._download_logs()
@@ -435,8 +526,37 @@ class _Run:
     def committed(self, info: CheckpointInfo) -> None:
         self.last_checkpoint = info
         self.saved_at = self.trainer._clock()
+        self.save_costs.append(self.capture_s + (info.blocking_s or 0) + (info.persist_s or 0))
         if self.upload_logs:
             self._upload_logs()
+
+    def finish_or_abandon(self, budget_s: float) -> None:
+        """At a preemption: wait up to ``budget_s`` for the save in flight, then give it
+        up; the previous checkpoint stays valid. Collective when distributed (the ranks'
+        save threads agree on commit or not)."""
+        if not self.saving or self.store is None:
+            return
+        self.saving = False
+        try:
+            info = self.store.wait(timeout=max(budget_s, 0.0))
+        except TimeoutError:
+            info = self.store.abandon()
+        except CheckpointWriteError:
+            info = None  # recorded as checkpoint_save_failed
+        if info is not None:
+            self.committed(info)
+        else:  # abandoned or failed: the saved step is the last committed one
+            self.saved_step = None if self.last_checkpoint is None else self.last_checkpoint.step
+
+    def save_too_slow(self, remaining_s: float) -> str | None:
+        """Why a save now would not fit in ``remaining_s``, judged by the slowest of the
+        last saves; None when it fits (or nothing was measured yet: then it is tried)."""
+        if remaining_s <= 0:
+            return f"the deadline has passed ({-remaining_s:.1f} s ago)"
+        if self.save_costs and max(self.save_costs) > remaining_s:
+            return (f"earlier saves took up to {max(self.save_costs):.1f} s and {remaining_s:.1f} "
+                    "s are left before the deadline")
+        return None
 
     def flush_logs(self) -> None:
         """Before a checkpoint: every line up to this step is durable, so a restart that

@@ -1,7 +1,9 @@
 """One rank of a DDP training job under torchrun, for the resume tests.
 
 Every rank appends its own per-step losses to RESULTS/rank<R>.jsonl. --kill-rank R
---kill-at K SIGKILLs rank R inside step K+1 (torchrun then stops the other rank).
+--kill-at K SIGKILLs rank R inside step K+1 (torchrun then stops the other rank), only in
+torchrun's first attempt with --first-attempt-only. --term-rank R --term-at K sends rank R
+SIGTERM inside step K+1.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--first-attempt-only", action="store_true")
+    parser.add_argument("--term-rank", type=int, default=None)
+    parser.add_argument("--term-at", type=int, default=None)
     parser.add_argument("--deep", action="store_true", help="6 layers in 3 small DDP buckets")
     args = parser.parse_args()
 
@@ -55,9 +60,14 @@ def main() -> None:
     )
     log = Path(args.results) / f"rank{rank}.jsonl"
 
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    kill = not (args.first_attempt_only and attempt > 0)
+
     def step_fn(batch: list[torch.Tensor]) -> torch.Tensor:
-        if rank == args.kill_rank and trainer.step == args.kill_at:
+        if kill and rank == args.kill_rank and trainer.step == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if rank == args.term_rank and trainer.step == args.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         x, y = batch
         loss = torch.nn.functional.mse_loss(ddp(x), y)
         with log.open("a") as f:

@@ -1,16 +1,42 @@
-"""Compare two runs bit for bit: every step's loss (the last line written for it) and every
-tensor of the final checkpoint (model, optimizer, RNG and data state included)."""
+"""Run tests/trainer/train_script.py, and compare two runs bit for bit: every step's loss
+(the last line written for it) and every tensor of the final checkpoint (model, optimizer,
+RNG and data state included)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 import hardtrain as ht
+
+SCRIPT = Path(__file__).with_name("train_script.py")
+_straight: dict[tuple[str, ...], Path] = {}
+
+
+def run(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--run-dir", str(run_dir), *args],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+
+
+def straight(tmp_path_factory: pytest.TempPathFactory, settings: tuple[str, ...]) -> Path:
+    """The uninterrupted run with these settings (one per session)."""
+    if settings not in _straight:
+        run_dir = tmp_path_factory.mktemp("straight")
+        done = run(run_dir, *settings)
+        assert done.returncode == 0, done.stderr
+        _straight[settings] = run_dir
+    return _straight[settings]
 
 
 def losses(run_dir: str | os.PathLike[str]) -> dict[int, float]:

@@ -9,36 +9,12 @@ steps) are in every case.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.trainer.compare import assert_same_run, losses
-
-SCRIPT = Path(__file__).with_name("train_script.py")
-_straight: dict[tuple[str, ...], Path] = {}
-
-
-def run(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--run-dir", str(run_dir), *args],
-        capture_output=True, text=True, timeout=180, env=env,
-    )
-
-
-def straight(tmp_path_factory: pytest.TempPathFactory, settings: tuple[str, ...]) -> Path:
-    if settings not in _straight:
-        run_dir = tmp_path_factory.mktemp("straight")
-        done = run(run_dir, *settings)
-        assert done.returncode == 0, done.stderr
-        _straight[settings] = run_dir
-    return _straight[settings]
-
+from tests.trainer.compare import assert_same_run, losses, run, straight
 
 CASES = {
     "loader-async-mid-epoch": (("--every-steps", "3"), ("--kill-at", "11")),

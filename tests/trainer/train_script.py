@@ -1,7 +1,11 @@
 """A small training job for resume tests, run as a real process.
 
 Faults are keyed by step: --kill-at K SIGKILLs the process inside step K+1's step_fn;
---kill-in-save K SIGKILLs it while the checkpoint after step K is being written.
+--kill-in-save K SIGKILLs it while the checkpoint after step K is being written;
+--term-at K sends it SIGTERM inside step K+1; --term-in-save K sends SIGTERM while the
+checkpoint after step K is being written (--slow-write S: that write takes S seconds more,
+slow storage); --term-in-resume sends SIGTERM while the checkpoint is being loaded;
+--term-twice sends a second SIGTERM while the preemption's own save is being written.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import argparse
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import torch
@@ -70,6 +75,12 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--kill-in-save", type=int, default=None)
+    parser.add_argument("--term-at", type=int, default=None)
+    parser.add_argument("--term-in-save", type=int, default=None)
+    parser.add_argument("--slow-write", type=float, default=0.0)
+    parser.add_argument("--term-in-resume", action="store_true")
+    parser.add_argument("--term-twice", action="store_true")
+    parser.add_argument("--deadline", type=float, default=25.0)
     args = parser.parse_args()
 
     ht.seed_everything(0)
@@ -80,23 +91,42 @@ def main() -> None:
     policy = ht.CheckpointPolicy(every=None, every_steps=args.every_steps, keep_last=2,
                                  async_save=not args.sync)
     trainer = ht.HardenedTrainer(model, optimizer, data, args.run_dir, scheduler=scheduler,
-                                 checkpoint=policy, seed=7)
+                                 checkpoint=policy, seed=7,
+                                 preemption=ht.PreemptionPolicy(deadline=args.deadline))
+    faults = {"term_in_save": args.term_in_save, "term_twice": args.term_twice}
 
-    if args.kill_in_save is not None:
-        from hardtrain.checkpoint import _storage
+    from hardtrain.checkpoint import _storage
 
-        write = _storage.LocalStorage.write_tensors
+    write = _storage.LocalStorage.write_tensors
 
-        def write_then_die(self, path, tensors):  # type: ignore[no-untyped-def]
-            if trainer.step > args.kill_in_save:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return write(self, path, tensors)
+    def write_with_faults(self, path, tensors):  # type: ignore[no-untyped-def]
+        if args.kill_in_save is not None and trainer.step > args.kill_in_save:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if faults["term_in_save"] is not None and trainer.step > faults["term_in_save"]:
+            faults["term_in_save"] = None
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(args.slow_write)  # slow storage, not waiting for anything
+        elif faults["term_twice"] and args.term_at is not None and trainer.step > args.term_at:
+            faults["term_twice"] = False
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write(self, path, tensors)
 
-        _storage.LocalStorage.write_tensors = write_then_die  # type: ignore[method-assign]
+    _storage.LocalStorage.write_tensors = write_with_faults  # type: ignore[method-assign]
+
+    if args.term_in_resume:
+        load = ht.CheckpointStore.load
+
+        def load_after_term(self, *a, **kw):  # type: ignore[no-untyped-def]
+            os.kill(os.getpid(), signal.SIGTERM)
+            return load(self, *a, **kw)
+
+        ht.CheckpointStore.load = load_after_term  # type: ignore[method-assign]
 
     def step_fn(batch: list[torch.Tensor]) -> torch.Tensor:
         if args.kill_at is not None and trainer.step == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if args.term_at is not None and trainer.step == args.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         x, y = batch
         noise = float(np.random.randn()) * 1e-3 + random.random() * 1e-3
         return torch.nn.functional.mse_loss(model(x + noise), y)

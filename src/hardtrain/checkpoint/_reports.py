@@ -27,6 +27,8 @@ class CheckpointInfo:
     num_bytes: int | None = None
     world_size: int | None = None
     problem: str | None = None  # why the manifest could not be read, if it could not
+    blocking_s: float | None = None  # for a save just made: time the caller was blocked
+    persist_s: float | None = None  # ... and time writing and committing took after that
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import secrets
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -73,12 +74,17 @@ class _Attempt:
     error: str | None = None  # something other than the checkpoint went wrong (I/O, ...)
 
 
+class _Abandoned(Exception):
+    """``abandon()`` was called: stop before the next stage."""
+
+
 @dataclass
 class _Job:
     step: int
     staged: StagedTensors
     state_json: bytes
     blocking_s: float
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class CheckpointStore:
@@ -125,6 +131,7 @@ class CheckpointStore:
         self._rejected: dict[int, str] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[CheckpointInfo] | None = None
+        self._inflight_job: _Job | None = None
         self._group: Any = None
 
     # ----------------------------------------------------------------------------- save
@@ -158,21 +165,38 @@ class CheckpointStore:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="hardtrain-checkpoint")
         self._inflight = self._executor.submit(self._persist, job)
+        self._inflight_job = job
 
-    def wait(self) -> CheckpointInfo | None:
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Block until the save in flight is committed; raise its error if it failed.
 
-        Interrupted (Ctrl-C, a signal handler that raises), the save stays in flight and
-        the next call waits for it again: two saves never overlap.
+        timeout: seconds; when the save is still being written after that, TimeoutError
+        (the save stays in flight). Interrupted (Ctrl-C, a signal handler that raises),
+        the save stays in flight and the next call waits for it again: two saves never
+        overlap.
         """
         inflight = self._inflight
         if inflight is None:
             return None
         try:
-            return inflight.result()
+            return inflight.result(timeout)
         finally:
             if inflight.done():
-                self._inflight = None
+                self._inflight = self._inflight_job = None
+
+    def abandon(self) -> CheckpointInfo | None:
+        """Give up the save in flight: it stops at its next stage (before or after a file,
+        before the commit), commits nothing, and earlier checkpoints stay as they were.
+        Returns once its thread has stopped: the save's info if it committed anyway
+        (it was past the point of no return), else None. Collective when distributed:
+        the ranks' background threads agree, so every rank commits or none does.
+        """
+        if self._inflight_job is not None:
+            self._inflight_job.cancel.set()
+        try:
+            return self.wait()
+        except CheckpointWriteError:
+            return None  # recorded as checkpoint_save_failed, the reason says "abandoned"
 
     @property
     def saving(self) -> bool:
@@ -267,21 +291,28 @@ class CheckpointStore:
         rank, world_size = _dist.rank_and_world_size()
         folder = f"{_CHECKPOINTS}/{step_dir_name(job.step)}"
         report: dict[str, Any] = {"step": job.step, "error": None, "files": []}
+
+        def go_on() -> None:
+            if job.cancel.is_set():
+                raise _Abandoned("abandoned before the commit")
+
         try:
+            go_on()
             job.staged.ready()
             self._storage.makedirs(folder)
-            written = {
-                tensors_file(rank): self._storage.write_tensors(
-                    f"{folder}/{tensors_file(rank)}", job.staged.tensors
-                ),
-                state_file(rank): self._storage.write_bytes(
-                    f"{folder}/{state_file(rank)}", job.state_json
-                ),
-            }
+            written: dict[str, Digest] = {}
+            written[tensors_file(rank)] = self._storage.write_tensors(
+                f"{folder}/{tensors_file(rank)}", job.staged.tensors
+            )
+            go_on()
+            written[state_file(rank)] = self._storage.write_bytes(
+                f"{folder}/{state_file(rank)}", job.state_json
+            )
             report["files"] = [
                 [name, d.num_bytes, d.checksum, list(d.chunks)] for name, d in written.items()
             ]
             self._storage.sync_dir(folder)
+            go_on()
         except Exception as e:
             report["error"] = f"{type(e).__name__}: {e}"
         reports = self._gather(report)
@@ -301,13 +332,14 @@ class CheckpointStore:
         if rank == 0:
             self._clean_up(job.step)
         num_bytes = sum(file[1] for rep in reports for file in rep["files"])
+        persist_s = time.perf_counter() - started
         self.events.record(
             "checkpoint_saved", step=job.step, bytes=num_bytes,
-            blocking_s=round(job.blocking_s, 6),
-            persist_s=round(time.perf_counter() - started, 6),
+            blocking_s=round(job.blocking_s, 6), persist_s=round(persist_s, 6),
         )
         return CheckpointInfo(
-            job.step, self._folder_path(job.step), True, num_bytes=num_bytes, world_size=world_size
+            job.step, self._folder_path(job.step), True, num_bytes=num_bytes,
+            world_size=world_size, blocking_s=job.blocking_s, persist_s=persist_s,
         )
 
     def _fail(self, step: int, reason: str) -> None:
