@@ -1,10 +1,12 @@
-"""The demo: train a model, SIGKILL it at random moments, resume it, and check it bit for bit
-against a run that was never interrupted.
+"""The demo: train a model, preempt and kill it at random moments, resume it, and check it
+bit for bit against a run that was never interrupted.
 
 1. runs/demo/straight: examples/train_gpt.py trains to the end, uninterrupted.
-2. runs/demo/killed: the same command from scratch, SIGKILLed --kills times at random
-   moments during training (no chance to clean up: mid-step, mid-save, anywhere) and
-   started again with the same command each time, until it finishes.
+2. runs/demo/killed: the same command from scratch, interrupted --kills times at random
+   moments during training and started again with the same command each time, until it
+   finishes. The interruptions alternate: SIGTERM (a preemption: the job checkpoints the
+   step it is in and exits 143 within its deadline) and SIGKILL (a crash: no chance to
+   clean up, mid-step, mid-save, anywhere).
 3. The two are compared bit for bit: the loss of every step (the last line logged for it,
    since a step replayed after a resume is logged again) and every tensor of the final
    checkpoint (weights, AdamW moments, LR schedule, RNG streams, data position). Any
@@ -22,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +45,7 @@ class Start:
 
     resumed_from: int | None  # None: a fresh start
     killed_in_step: int | None = None  # None: it ran to the end
+    signal: str = "SIGKILL"
 
 
 def main() -> int:
@@ -61,15 +65,15 @@ def main() -> int:
     # the same order, across an epoch boundary, from a worker started afresh.
     command = [sys.executable, str(EXAMPLE), "--steps", str(args.steps), "--workers", "1",
                "--sample-chars", "0"]
-    print(f"hardtrain demo: {EXAMPLE.name}, {args.steps} steps, {args.kills} SIGKILLs at random "
-          f"moments (--seed {seed})\n")
+    print(f"hardtrain demo: {EXAMPLE.name}, {args.steps} steps, {args.kills} interruptions "
+          f"(SIGTERM and SIGKILL in turn) at random moments (--seed {seed})\n")
 
     print(f"1. uninterrupted run -> {straight}")
     started = time.perf_counter()
     print("  ", train(command, straight, kill_after=None, rng=rng)[1])
     print(f"   ({time.perf_counter() - started:.0f} s)\n")
 
-    print(f"2. the same run from scratch -> {killed}, SIGKILLed {args.kills} times")
+    print(f"2. the same run from scratch -> {killed}, interrupted {args.kills} times")
     started = time.perf_counter()
     # One kill in each of --kills equal stretches of training, at a random step in it.
     lo, hi = args.steps // 5, args.steps * 9 // 10
@@ -81,18 +85,24 @@ def main() -> int:
             break  # the previous start finished before its kill
         if kill_after is not None and starts:  # past the last kill: every start makes progress
             kill_after = max(kill_after, starts[-1].killed_in_step or 0)
-        last_logged, output = train(command, killed, kill_after=kill_after, rng=rng)
-        start = Start(starts_in_events(killed)[len(starts)])
+        sig = signal.SIGTERM if len(starts) % 2 == 0 else signal.SIGKILL
+        last_logged, output = train(command, killed, kill_after=kill_after, rng=rng, sig=sig)
+        start = Start(starts_in_events(killed)[len(starts)], signal=sig.name)
         starts.append(start)
         where = "fresh start" if start.resumed_from is None else (
             f"resumed at step {start.resumed_from}")
         if last_logged is None:
             print(f"   start {len(starts)}: {where:<21} -> {output}")
             continue
-        start.killed_in_step = last_logged + 1
         newest = ht.CheckpointStore(killed).latest()
-        print(f"   start {len(starts)}: {where:<21} -> SIGKILL in step {start.killed_in_step} "
-              f"(newest checkpoint then: {'none' if newest is None else f'step {newest.step}'})")
+        saved = f"newest checkpoint: {'none' if newest is None else f'step {newest.step}'}"
+        if sig == signal.SIGTERM:
+            start.killed_in_step = last_logged
+            print(f"   start {len(starts)}: {where:<21} -> SIGTERM: {output}; {saved}")
+        else:
+            start.killed_in_step = last_logged + 1
+            print(f"   start {len(starts)}: {where:<21} -> SIGKILL in step "
+                  f"{start.killed_in_step}; {saved}")
     print(f"   ({time.perf_counter() - started:.0f} s)\n")
 
     print("3. comparing the two runs, bit for bit")
@@ -100,20 +110,21 @@ def main() -> int:
     plot(args.out / "loss_curves.png", losses(straight), losses(killed), starts)
     kills = ", ".join(str(s.killed_in_step) for s in starts if s.killed_in_step is not None)
     if not same:
-        print(f"\nDIFFERENT: the run killed in steps {kills} and resumed is not the "
+        print(f"\nDIFFERENT: the run interrupted in steps {kills} and resumed is not the "
               "uninterrupted run (see above).")
         return 1
-    print(f"\nBIT-EXACT: killed in steps {kills} and resumed each time, the run ended with "
+    print(f"\nBIT-EXACT: interrupted in steps {kills} and resumed each time, the run ended with "
           "every loss and every tensor of its final checkpoint identical to the "
           "uninterrupted run.")
     return 0
 
 
 def train(command: list[str], run_dir: Path, *, kill_after: int | None,
-          rng: random.Random) -> tuple[int | None, str]:
+          rng: random.Random, sig: signal.Signals = signal.SIGKILL) -> tuple[int | None, str]:
     """Start the training command once. With ``kill_after``: once this start has logged
-    that step, SIGKILL it a random instant later (up to 0.1 s: mid-step or mid-save).
-    Returns the last step this start logged if it was killed (else None), and its output.
+    that step, send it ``sig`` a random instant later (up to 0.1 s: mid-step or mid-save).
+    Returns the last step this start logged if it was interrupted (else None), and its
+    output (for SIGTERM: what its ``preempted`` event says).
     """
     metrics = run_dir / "metrics.jsonl"
     offset = metrics.stat().st_size if metrics.exists() else 0  # earlier starts' lines
@@ -125,16 +136,29 @@ def train(command: list[str], run_dir: Path, *, kill_after: int | None,
     while kill_after is not None and proc.poll() is None:
         if max(logged_steps(metrics, offset), default=0) >= kill_after:
             time.sleep(rng.uniform(0, 0.1))
-            proc.kill()  # SIGKILL
-            proc.wait()  # not communicate(): an orphaned loader worker holds stdout open
+            proc.send_signal(sig)
+            code = proc.wait()  # not communicate(): an orphaned loader worker holds stdout open
             assert proc.stdout is not None
             proc.stdout.close()
-            return max(logged_steps(metrics, offset)), ""
+            if sig != signal.SIGTERM:
+                return max(logged_steps(metrics, offset)), ""
+            if code != 128 + signal.SIGTERM:
+                raise SystemExit(f"{' '.join(command)} exited with {code} after SIGTERM, "
+                                 f"not 143 (see {run_dir / 'events.jsonl'})")
+            stop = preempted_event(run_dir)
+            return stop["step"], (f"stopped after step {stop['step']}, "
+                                  f"{'saved it' if stop['saved'] else 'not saved'}, "
+                                  f"exit {code} in {stop['since_signal_s']:.2f} s")
         time.sleep(0.01)
     out, _ = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} exited with {proc.returncode}:\n{out}")
     return None, out.strip()
+
+
+def preempted_event(run_dir: Path) -> dict[str, Any]:
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == "preempted"][-1]
 
 
 def logged_steps(metrics: Path, offset: int) -> list[int]:
@@ -173,7 +197,7 @@ def compare(straight: Path, killed: Path, starts: list[Start]) -> bool:
                     or not torch.equal(ca.tensors[n], cb.tensors[n])]
     state_diffs = json_differences(ca.state, cb.state)
     kills = sum(s.killed_in_step is not None for s in starts)
-    print(f"   {'':<34}{'uninterrupted':<22}killed {kills}x and resumed")
+    print(f"   {'':<34}{'uninterrupted':<22}interrupted {kills}x, resumed")
     rows = [(f"loss curve ({len(a)} steps)", curve_digest(a), curve_digest(b)),
             (f"final checkpoint ({len(ca.tensors)} tensors)",
              tensors_digest(ca.tensors), tensors_digest(cb.tensors))]
@@ -235,7 +259,7 @@ def plot(path: Path, straight: dict[int, float], killed: dict[int, float],
                 label="uninterrupted")
     ksteps = sorted(killed)
     curves.plot(ksteps, [killed[s] for s in ksteps], color="black", lw=0.7,
-                label="killed and resumed (last value logged per step)")
+                label="interrupted and resumed (last value logged per step)")
     for i, (start, after) in enumerate(itertools.pairwise(starts)):
         if start.killed_in_step is None:
             continue
@@ -243,7 +267,7 @@ def plot(path: Path, straight: dict[int, float], killed: dict[int, float],
                        label="replayed after the restart" if i == 0 else None)
         curves.axvline(start.killed_in_step, color="tab:red", ls="--", lw=1.2,
                        label="SIGKILL" if i == 0 else None)
-        curves.annotate(f"kill {i + 1}\nstep {start.killed_in_step}",
+        curves.annotate(f"{start.signal} {i + 1}\nstep {start.killed_in_step}",
                         (start.killed_in_step, 0.97), xycoords=("data", "axes fraction"),
                         xytext=(4, 0), textcoords="offset points", va="top", fontsize=8,
                         color="tab:red")

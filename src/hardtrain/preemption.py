@@ -8,10 +8,11 @@ The trainer reads the flag in its per-step vote (see ``HardenedTrainer.fit``).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
@@ -147,6 +148,40 @@ class PreemptionGuard:
             signal.signal(s, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
         self.armed = False
+
+
+class _IgnoreInWorker:
+    """A DataLoader ``worker_init_fn``: the worker ignores the preemption signals, then
+    runs the user's own ``worker_init_fn``. PyTorch's workers die on SIGTERM, and torchrun
+    and SLURM signal the whole process group: without this the training process would
+    crash on "DataLoader worker ... is killed by signal" instead of saving. The worker
+    still stops when its loader shuts it down, or when it sees its parent gone."""
+
+    def __init__(self, signals: tuple[int, ...], inner: Callable[[int], None] | None) -> None:
+        self.signals = signals
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        for s in self.signals:
+            signal.signal(s, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+@contextlib.contextmanager
+def shield_loader_workers(data: object, policy: PreemptionPolicy) -> Iterator[None]:
+    """While open, worker processes that ``data`` (a DataLoader or StatefulDataLoader with
+    workers) starts ignore ``policy.signals``; its ``worker_init_fn`` is put back after."""
+    inner = getattr(data, "worker_init_fn", None)
+    if not getattr(data, "num_workers", 0) or isinstance(inner, _IgnoreInWorker):
+        yield
+        return
+    signals = tuple(int(s) for s in policy.signals)
+    data.worker_init_fn = _IgnoreInWorker(signals, inner)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        data.worker_init_fn = inner  # type: ignore[attr-defined]
 
 
 def signal_name(signum: int | None) -> str | None:

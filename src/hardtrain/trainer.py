@@ -27,7 +27,12 @@ from hardtrain.errors import (
     NoCheckpointError,
     Preempted,
 )
-from hardtrain.preemption import PreemptionGuard, PreemptionPolicy, signal_name
+from hardtrain.preemption import (
+    PreemptionGuard,
+    PreemptionPolicy,
+    shield_loader_workers,
+    signal_name,
+)
 from hardtrain.state import capture_rng, flatten, restore_rng, unflatten
 from hardtrain.telemetry import EventLog, MetricsLog
 
@@ -261,9 +266,11 @@ class HardenedTrainer:
 
     @contextlib.contextmanager
     def _open_run(self) -> Iterator[_Run]:
-        guard = None if self.preemption is None else PreemptionGuard(self.preemption,
-                                                                     clock=self._clock)
-        with guard or contextlib.nullcontext():
+        guard = None
+        with contextlib.ExitStack() as stack:
+            if self.preemption is not None:
+                guard = stack.enter_context(PreemptionGuard(self.preemption, clock=self._clock))
+                stack.enter_context(shield_loader_workers(self.data, self.preemption))
             run = _Run(self, guard)
             try:
                 yield run

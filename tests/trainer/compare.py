@@ -25,7 +25,7 @@ def run(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--run-dir", str(run_dir), *args],
-        capture_output=True, text=True, timeout=180, env=env,
+        capture_output=True, text=True, timeout=180, env=env, start_new_session=True,
     )
 
 

@@ -58,6 +58,18 @@ def test_sigterm_in_a_step_saves_that_step_and_exits_143(
     finish_and_compare(tmp_path, tmp_path_factory)
 
 
+def test_sigterm_to_the_process_group_does_not_kill_the_loader_workers_first(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """torchrun and SLURM signal the process group; PyTorch's workers die on SIGTERM and
+    would crash the step before the vote (unless fit shields them)."""
+    stopped = run(tmp_path, *SETTINGS, "--term-at", "11", "--term-group")
+    assert stopped.returncode == TERM, stopped.stderr
+    assert "killed by signal" not in stopped.stderr
+    assert committed(tmp_path)[-1] == 12
+    finish_and_compare(tmp_path, tmp_path_factory)
+
+
 def test_sigterm_during_an_async_save_finishes_it_then_saves_the_current_step(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -84,6 +96,18 @@ def test_a_save_in_flight_that_cannot_finish_in_time_is_abandoned(
     [preempted] = events(tmp_path, "preempted")
     assert preempted["saved"] is False and preempted["checkpoint_step"] == 5
     finish_and_compare(tmp_path, tmp_path_factory)
+
+
+def test_sigterm_during_the_final_save_exits_with_the_run_complete(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    stopped = run(tmp_path, *SETTINGS, "--term-in-save", "29")  # the save of step 30 (last)
+    assert stopped.returncode == TERM, stopped.stderr
+    assert "done" not in stopped.stdout  # code after fit did not run
+    [preempted] = events(tmp_path, "preempted")
+    assert preempted["step"] == 30 and preempted["saved"] is True
+    assert committed(tmp_path)[-1] == 30
+    finish_and_compare(tmp_path, tmp_path_factory)  # returns at once: resumed_from=30
 
 
 def test_sigterm_during_resume_exits_without_a_new_checkpoint(

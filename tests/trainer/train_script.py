@@ -5,7 +5,9 @@ Faults are keyed by step: --kill-at K SIGKILLs the process inside step K+1's ste
 --term-at K sends it SIGTERM inside step K+1; --term-in-save K sends SIGTERM while the
 checkpoint after step K is being written (--slow-write S: that write takes S seconds more,
 slow storage); --term-in-resume sends SIGTERM while the checkpoint is being loaded;
---term-twice sends a second SIGTERM while the preemption's own save is being written.
+--term-twice sends a second SIGTERM while the preemption's own save is being written;
+--term-group sends --term-at's SIGTERM to the whole process group (DataLoader workers
+included), as torchrun and SLURM do.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--slow-write", type=float, default=0.0)
     parser.add_argument("--term-in-resume", action="store_true")
     parser.add_argument("--term-twice", action="store_true")
+    parser.add_argument("--term-group", action="store_true")
     parser.add_argument("--deadline", type=float, default=25.0)
     args = parser.parse_args()
 
@@ -126,7 +129,10 @@ def main() -> None:
         if args.kill_at is not None and trainer.step == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if args.term_at is not None and trainer.step == args.term_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            if args.term_group:
+                os.killpg(os.getpgid(0), signal.SIGTERM)
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
         x, y = batch
         noise = float(np.random.randn()) * 1e-3 + random.random() * 1e-3
         return torch.nn.functional.mse_loss(model(x + noise), y)
