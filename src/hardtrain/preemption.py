@@ -164,22 +164,42 @@ class _IgnoreInWorker:
     def __call__(self, worker_id: int) -> None:
         for s in self.signals:
             signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)  # blocked at the fork
         if self.inner is not None:
             self.inner(worker_id)
 
 
+class _Blocked:
+    """Blocks ``signals`` in this thread while open (reusable). Workers forked meanwhile
+    start with them blocked, so a signal between their fork and their ``worker_init_fn``
+    waits instead of killing them; the parent gets it when the block ends."""
+
+    def __init__(self, signals: tuple[int, ...]) -> None:
+        self.signals = signals
+        self._previous: set[int | signal.Signals] = set()
+
+    def __enter__(self) -> None:
+        self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._previous)
+
+
 @contextlib.contextmanager
-def shield_loader_workers(data: object, policy: PreemptionPolicy) -> Iterator[None]:
+def shield_loader_workers(
+    data: object, policy: PreemptionPolicy
+) -> Iterator[contextlib.AbstractContextManager[None]]:
     """While open, worker processes that ``data`` (a DataLoader or StatefulDataLoader with
-    workers) starts ignore ``policy.signals``; its ``worker_init_fn`` is put back after."""
+    workers) starts ignore ``policy.signals``; its ``worker_init_fn`` is put back after.
+    Yields a context to hold while taking a batch (workers are forked then)."""
     inner = getattr(data, "worker_init_fn", None)
     if not getattr(data, "num_workers", 0) or isinstance(inner, _IgnoreInWorker):
-        yield
+        yield contextlib.nullcontext()
         return
     signals = tuple(int(s) for s in policy.signals)
     data.worker_init_fn = _IgnoreInWorker(signals, inner)  # type: ignore[attr-defined]
     try:
-        yield
+        yield _Blocked(signals)
     finally:
         data.worker_init_fn = inner  # type: ignore[attr-defined]
 

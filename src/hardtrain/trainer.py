@@ -165,6 +165,7 @@ class HardenedTrainer:
         self.storage_options = dict(storage_options or {})
         self._clock = clock
         self.step = 0
+        self._taking_batch: contextlib.AbstractContextManager[None] = _NO_CONTEXT
         self._cursor = DataCursor(data, self._capture_rng, self._restore_rng)
 
     # ------------------------------------------------------------------------------ fit
@@ -211,7 +212,7 @@ class HardenedTrainer:
             while self.step < max_steps:
                 step_started, lr = time.perf_counter(), self._lr()  # the lr this step uses
                 if manual:
-                    loss = step_fn(self._cursor.next_batch())
+                    loss = step_fn(self._next_batch())
                 else:
                     loss = self._train_step(step_fn, grad_accum_steps, max_grad_norm)
                 self.step += 1
@@ -236,7 +237,7 @@ class HardenedTrainer:
             optimizer.zero_grad(set_to_none=True)
         losses = []
         for micro in range(accum):
-            batch = self._cursor.next_batch()
+            batch = self._next_batch()
             sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
             with _NO_CONTEXT if sync else self.model.no_sync():  # type: ignore[operator]
                 loss = step_fn(batch)
@@ -270,11 +271,13 @@ class HardenedTrainer:
         with contextlib.ExitStack() as stack:
             if self.preemption is not None:
                 guard = stack.enter_context(PreemptionGuard(self.preemption, clock=self._clock))
-                stack.enter_context(shield_loader_workers(self.data, self.preemption))
+                self._taking_batch = stack.enter_context(
+                    shield_loader_workers(self.data, self.preemption))
             run = _Run(self, guard)
             try:
                 yield run
             finally:
+                self._taking_batch = _NO_CONTEXT
                 run.close()
 
     def _resume_or_start(self, run: _Run) -> int | None:
@@ -460,6 +463,10 @@ class HardenedTrainer:
 
     def _restore_rng(self, state: Mapping[str, Any]) -> None:
         restore_rng(state, generators_of(self.data))
+
+    def _next_batch(self) -> Any:
+        with self._taking_batch:  # loader workers may be forked now: see shield_loader_workers
+            return self._cursor.next_batch()
 
     def _lr(self) -> float | None:
         for opt in self.optimizers.values():

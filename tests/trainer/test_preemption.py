@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import hardtrain as ht
 from tests.trainer.compare import assert_same_run, run, straight
@@ -274,3 +275,46 @@ def test_the_guard_works_alone() -> None:
         assert guard.requested and guard.num_received == 2
         assert guard.exit_code == 128 + signal.SIGUSR2
     assert signal.getsignal(signal.SIGUSR2) == before
+
+
+_worker_inits: list[int] = []
+
+
+class SignalReport(torch.utils.data.Dataset[torch.Tensor]):
+    """Each item says how SIGTERM is handled in the process that loads it, and whether
+    the user's worker_init_fn ran there."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        ignored = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        blocked = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        return torch.tensor([float(ignored), float(blocked), float(bool(_worker_inits))])
+
+
+def test_loader_workers_ignore_the_signals_and_the_users_init_still_runs(tmp_path: Path) -> None:
+    loader = torch.utils.data.DataLoader(SignalReport(), batch_size=2, num_workers=2,
+                                         worker_init_fn=_worker_inits.append)
+    policy = ht.PreemptionPolicy()
+    from hardtrain.preemption import shield_loader_workers
+
+    with shield_loader_workers(loader, policy) as taking_batch:
+        with taking_batch:
+            batches = list(loader)
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert loader.worker_init_fn == _worker_inits.append  # the user's, put back
+    # in the workers: ignored, not blocked, and the user's worker_init_fn ran
+    assert torch.equal(torch.cat(batches), torch.tensor([[1.0, 0.0, 1.0]] * 4))
+    assert [float(x) for x in torch.cat(list(loader))[:, 0]] == [0.0] * 4  # outside: default
+
+
+def test_a_process_forked_while_taking_a_batch_starts_with_the_signals_blocked() -> None:
+    from hardtrain.preemption import _Blocked
+
+    with _Blocked((signal.SIGTERM,)):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []) else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
