@@ -1,10 +1,12 @@
-"""The ``hardtrain`` command: inspect and verify checkpoints.
+"""The ``hardtrain`` command: inspect and verify checkpoints, torture a training command.
 
     hardtrain ls RUN_DIR [--no-verify]
     hardtrain verify RUN_DIR [--step N]
+    hardtrain torture [--kills N] [--signal term|kill|mix] [--seed S] ... -- CMD ...
 
-RUN_DIR is a local path or an fsspec URL (s3://bucket/run). Exit codes: 0 all good,
-1 something failed verification, 2 bad usage or nothing to look at.
+RUN_DIR is a local path or an fsspec URL (s3://bucket/run). Exit codes of ls and verify:
+0 all good, 1 something failed verification, 2 bad usage or nothing to look at. Those
+of torture: see ``hardtrain torture --help`` (``hardtrain.torture``).
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from collections.abc import Sequence
 
 import fsspec
 
+from hardtrain import torture
 from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
 from hardtrain.errors import CHECKPOINT_RUNBOOK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="hardtrain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     ls = commands.add_parser("ls", help="list checkpoints with their state")
@@ -31,6 +35,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify = commands.add_parser("verify", help="check sizes and checksums of checkpoints")
     verify.add_argument("run_dir")
     verify.add_argument("--step", type=int, help="one step (default: every committed one)")
+    _add_torture(commands)
+    # Everything after the first "--" is torture's command, split off here: argparse's
+    # REMAINDER would take the command's own options for ours.
+    split = argv.index("--") if "--" in argv else len(argv)
+    if "torture" in argv[:split]:
+        args, extra = parser.parse_known_args(argv[:split])
+        if args.command == "torture":
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)} (the command to "
+                             "torture goes after --)")
+            return _torture(args, argv[split + 1:])
     args = parser.parse_args(argv)
     try:
         if args.command == "ls":
@@ -46,6 +61,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 class _UsageError(Exception):
     pass
+
+
+def _add_torture(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    doc = (torture.__doc__ or "").split("\n\n")
+    parser = commands.add_parser(
+        "torture", help=doc[0].split(": ", 1)[1], usage="hardtrain torture [options] -- CMD ...",
+        description="\n\n".join(doc[2:]), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--kills", type=int, default=5, metavar="N",
+                        help="interruptions of the tortured run (>= 1; default 5)")
+    parser.add_argument("--signal", choices=torture.SIGNAL_MODES, default="mix",
+                        help="SIGTERM, SIGKILL, or either at random each time (default mix)")
+    parser.add_argument("--seed", type=int, default=None, metavar="S",
+                        help="draws the interruptions (default: a random one, printed)")
+    parser.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
+                        help="after SIGTERM, time until what still runs is SIGKILLed "
+                             "(default 30)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="limit for each start (default: 3x the reference run + 60 s, "
+                             "and none for the reference)")
+    parser.add_argument("--work-dir", default=None, metavar="DIR",
+                        help="for reference/, tortured/ and a log per start (default: a new "
+                             "temp dir); removed after EXACT unless --keep")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir after EXACT")
+
+
+def _torture(args: argparse.Namespace, command: list[str]) -> int:
+    try:
+        report = torture.run_torture(
+            command, num_kills=args.kills, signals=args.signal, seed=args.seed,
+            grace_s=args.grace, timeout_s=args.timeout, work_dir=args.work_dir,
+            keep=args.keep, echo=lambda line: print(line, flush=True),
+        )
+    except ValueError as e:
+        print(f"hardtrain torture: {e}. See {torture.DOCS}", file=sys.stderr)
+        return 2
+    except torture.TortureError as e:
+        print(f"hardtrain torture: {e}", file=sys.stderr)
+        print(f"See {torture.DOCS}; for a start that failed after an interruption, also "
+              f"{torture.RUNBOOK}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the start running then was killed on the way out
+        print("hardtrain torture: interrupted; the work dir is kept", file=sys.stderr)
+        return 130
+    for line in report.summary():
+        print(line)
+    return report.exit_code
 
 
 def _open(run_dir: str) -> tuple[CheckpointStore, list[CheckpointInfo]]:
