@@ -20,8 +20,10 @@ from hardtrain.errors import (
     CheckpointWriteError,
     HardtrainError,
     NoCheckpointError,
+    NonFiniteLossError,
     Preempted,
 )
+from hardtrain.numerics import NanPolicy
 from hardtrain.preemption import PreemptionGuard, PreemptionPolicy
 from hardtrain.telemetry import EventLog
 from hardtrain.trainer import FitResult, HardenedTrainer
@@ -43,7 +45,9 @@ __all__ = [
     "HardenedTrainer",
     "HardtrainError",
     "LoadedCheckpoint",
+    "NanPolicy",
     "NoCheckpointError",
+    "NonFiniteLossError",
     "Preempted",
     "PreemptionGuard",
     "PreemptionPolicy",

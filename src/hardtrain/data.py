@@ -85,8 +85,21 @@ class DataCursor:
         self._epoch_start_rng: dict[str, Any] | None = None
         self._base_seed_drawn = False  # a persistent loader has drawn its workers' base seed
         self._epoch_draws_base = True  # this epoch's iterator drew it from the run's streams
+        self.skip: set[tuple[int, int]] = set()  # (epoch, index in epoch): left out
+
+    @property
+    def next_id(self) -> tuple[int, int]:
+        """(epoch, index in the epoch) of the next batch, if the epoch has one more."""
+        return self.epoch, self.batches_in_epoch
 
     def next_batch(self) -> Any:
+        """The next batch, across epochs; batches in ``skip`` are taken and dropped."""
+        batch = self._take()
+        while self.skip and (self.epoch, self.batches_in_epoch - 1) in self.skip:
+            batch = self._take()
+        return batch
+
+    def _take(self) -> Any:
         if self._iterator is None:
             self._start_epoch()
         batch = next(self._iterator, _END)  # type: ignore[arg-type]
@@ -134,6 +147,7 @@ class DataCursor:
         position: dict[str, Any] = {
             "kind": self.kind, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
             "started": self._iterator is not None,
+            "skip": sorted([e, i] for e, i in self.skip),
         }
         if self.kind == STATEFUL:
             position["state"] = self.data.state_dict()  # type: ignore[attr-defined]
@@ -150,6 +164,7 @@ class DataCursor:
         Returns a warning when the position cannot be restored (a plain iterable)."""
         self.epoch = position["epoch"]
         self.batches_in_epoch = position["batches_in_epoch"]
+        self.skip = {(e, i) for e, i in position.get("skip", [])}
         self._iterator = None
         self._base_seed_drawn = position.get("base_seed_drawn", False)
         if self.kind == STATEFUL:

@@ -7,6 +7,7 @@
         │                                            one, failed verification
         ├── NoCheckpointError (also FileNotFoundError) nothing committed (for that step)
         └── CheckpointMismatchError (also ValueError) the checkpoint does not fit what loads it
+    └── NonFiniteLossError (also FloatingPointError)  bad steps persisted through rollbacks
 
     Preempted (a SystemExit, deliberately not an Exception)   fit stopped on a signal
 
@@ -22,6 +23,7 @@ from typing import Any
 CHECKPOINT_RUNBOOK = "runbooks/checkpoint-corruption.md"
 RESUME_MISMATCH_RUNBOOK = "runbooks/resume-mismatch.md"
 PREEMPTION_RUNBOOK = "runbooks/preemption.md"
+NAN_RUNBOOK = "runbooks/nan-during-training.md"
 
 
 class HardtrainError(Exception):
@@ -64,6 +66,15 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     different model, optimizer, world size, ...). Raised before anything is loaded."""
 
     runbook = RESUME_MISMATCH_RUNBOOK
+
+
+class NonFiniteLossError(HardtrainError, FloatingPointError):
+    """Bad steps (NaN/Inf loss or gradients, loss spikes) persisted through
+    ``NanPolicy.max_rollbacks`` rollbacks, or there was nothing to roll back to. The message
+    holds the diagnosis: the failing steps, the rank that saw it first, and the recent
+    loss, gradient-norm and lr history."""
+
+    runbook = NAN_RUNBOOK
 
 
 class Preempted(SystemExit):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import time
@@ -25,8 +26,10 @@ from hardtrain.errors import (
     CheckpointMismatchError,
     CheckpointWriteError,
     NoCheckpointError,
+    NonFiniteLossError,
     Preempted,
 )
+from hardtrain.numerics import NanPolicy, NanWatch, StepHealth
 from hardtrain.preemption import (
     PreemptionGuard,
     PreemptionPolicy,
@@ -43,6 +46,8 @@ _STATE_KEY = "hardtrain"
 StepFn = Callable[[Any], Any]
 _DEFAULT_CHECKPOINT = CheckpointPolicy()
 _DEFAULT_PREEMPTION = PreemptionPolicy()
+_DEFAULT_NAN = NanPolicy()
+_MAX_BATCH_LOG = 1_000_000  # (step, batch id) pairs kept for a rollback's skip list
 _EXIT_SHARE = 0.1  # of the preemption deadline, left for the process to exit
 _NO_CONTEXT = contextlib.nullcontext()
 
@@ -120,6 +125,7 @@ class HardenedTrainer:
         extra_state: Mapping[str, Any] | None = None,
         checkpoint: CheckpointPolicy | None = _DEFAULT_CHECKPOINT,
         preemption: PreemptionPolicy | None = _DEFAULT_PREEMPTION,
+        nan: NanPolicy | None = _DEFAULT_NAN,
         seed: int | None = None,
         deterministic: bool = False,
         config: Any = None,
@@ -154,6 +160,9 @@ class HardenedTrainer:
         if preemption is not None and not isinstance(preemption, PreemptionPolicy):
             raise TypeError(f"preemption={preemption!r}: expected ht.PreemptionPolicy or None")
         self.preemption = preemption
+        if nan is not None and not isinstance(nan, NanPolicy):
+            raise TypeError(f"nan={nan!r}: expected ht.NanPolicy or None")
+        self.nan = nan
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32
         ):
@@ -165,6 +174,8 @@ class HardenedTrainer:
         self.storage_options = dict(storage_options or {})
         self._clock = clock
         self.step = 0
+        self._num_rollbacks = 0  # NaN rollbacks in this run, saved with the checkpoints
+        self._batch_log: deque[tuple[int, tuple[int, int]]] = deque(maxlen=_MAX_BATCH_LOG)
         self._taking_batch: contextlib.AbstractContextManager[None] = _NO_CONTEXT
         self._cursor = DataCursor(data, self._capture_rng, self._restore_rng)
 
@@ -212,27 +223,46 @@ class HardenedTrainer:
             while self.step < max_steps:
                 step_started, lr = time.perf_counter(), self._lr()  # the lr this step uses
                 if manual:
-                    loss = step_fn(self._next_batch())
+                    loss, norm = step_fn(self._next_batch()), None
                 else:
-                    loss = self._train_step(step_fn, grad_accum_steps, max_grad_norm)
-                self.step += 1
-                run.record_step(self.step, loss, lr, time.perf_counter() - step_started)
-                save, stop = self._vote(run, due=self._checkpoint_due(run, self.step == max_steps))
+                    loss, norm = self._forward_backward(step_fn, grad_accum_steps, max_grad_norm)
+                health = run.measure(loss, norm, self.scaler is not None)  # one sync, or none
+                due = self._checkpoint_due(run, self.step + 1, self.step + 1 == max_steps)
+                save, stop, bad = self._vote(run, due=due, bad=run.is_bad(health))
+                if bad:  # on some rank: every rank skips it (manual: it already happened)
+                    self._skip_step(run, health, lr, manual)
+                else:
+                    if not manual:
+                        self._optimizer_step()
+                    self.step += 1
+                    run.record_step(self.step, loss if health is None else health.loss, lr,
+                                    time.perf_counter() - step_started)
+                    if run.watch is not None and health is not None:
+                        run.watch.healthy(self.step, health, lr)
                 if stop:
                     self._stop(run, stop)
-                if save:
+                if save and not bad:
                     self._save(run)
             run.finish()
             if stop := self._vote(run, due=False)[1]:  # a signal during the final save
                 self._stop(run, stop)
             final_loss = None if loss is None else float(loss)
+            watch = run.watch
             run.events.record("training_finished", step=self.step,
-                              num_steps=self.step - first_step, final_loss=final_loss)
+                              num_steps=self.step - first_step, final_loss=final_loss,
+                              **({} if watch is None else {
+                                  "num_skipped": watch.num_skipped,
+                                  "num_scaler_skipped": watch.num_scaler_skipped,
+                                  "num_rollbacks": watch.num_rollbacks}))
             return FitResult(self.step, self.step - first_step, resumed_from, final_loss,
                              run.last_checkpoint, time.perf_counter() - started)
 
-    def _train_step(self, step_fn: StepFn, accum: int, max_grad_norm: float | None) -> Any:
-        """One optimizer step over ``accum`` batches; returns the (mean) loss, detached."""
+    def _forward_backward(
+        self, step_fn: StepFn, accum: int, max_grad_norm: float | None
+    ) -> tuple[Any, Any]:
+        """Gradients over ``accum`` batches, clipped if asked. Returns the (mean) loss,
+        detached, and the gradients' total norm (clipping's, or measured for the NaN
+        check; None when neither needs it). No optimizer step yet: the ranks vote first."""
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         losses = []
@@ -247,11 +277,18 @@ class HardenedTrainer:
                 scaled = loss / accum if accum > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             losses.append(loss.detach())
+        norm = None
         if max_grad_norm is not None:
             if self.scaler is not None:
                 for optimizer in self.optimizers.values():
                     self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(self._parameters(), max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self._parameters(), max_grad_norm)
+        elif self.nan is not None:  # grads of a GradScaler are scaled: only finiteness counts
+            grads = [p.grad for p in self._parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        return (losses[0] if accum == 1 else torch.stack(losses).mean()), norm
+
+    def _optimizer_step(self) -> None:
         for optimizer in self.optimizers.values():
             if self.scaler is not None:
                 self.scaler.step(optimizer)
@@ -261,13 +298,13 @@ class HardenedTrainer:
             self.scaler.update()
         for scheduler in self.schedulers.values():
             scheduler.step()
-        return losses[0] if accum == 1 else torch.stack(losses).mean()
 
     # ------------------------------------------------------------------------ the run
 
     @contextlib.contextmanager
     def _open_run(self) -> Iterator[_Run]:
         guard = None
+        self._batch_log.clear()
         with contextlib.ExitStack() as stack:
             if self.preemption is not None:
                 guard = stack.enter_context(PreemptionGuard(self.preemption, clock=self._clock))
@@ -304,24 +341,88 @@ class HardenedTrainer:
                           epoch=self._cursor.epoch)
         return loaded.step
 
-    def _checkpoint_due(self, run: _Run, final: bool) -> bool:
-        """This rank's view: is a checkpoint due after this step? (Local, no collective.)"""
+    def _checkpoint_due(self, run: _Run, step: int, final: bool) -> bool:
+        """This rank's view: is a checkpoint due once ``step`` is done? (Local.)"""
         policy = self.checkpoint
         if policy is None:
             return False
         run.collect_finished_save()
-        if final or (policy.every_steps is not None and self.step % policy.every_steps == 0):
+        if final or (policy.every_steps is not None and step % policy.every_steps == 0):
             return True
         every_s = run.every_s
         return every_s is not None and not run.saving and self._clock() - run.saved_at >= every_s
 
-    def _vote(self, run: _Run, *, due: bool) -> tuple[bool, int]:
+    def _vote(self, run: _Run, *, due: bool, bad: bool = False) -> tuple[bool, int, bool]:
         """Collective when distributed: every rank must call this at every step. One
-        all-reduce: (save, stop) where save is True if due on any rank and stop is the
-        preemption signal's number if any rank received one, else 0."""
+        all-reduce: (save, stop, bad) where save is True if due on any rank, stop the
+        preemption signal's number if any rank received one (else 0), and bad True if
+        the step is bad (non-finite, a spike) on any rank."""
         signum = run.guard.signum if run.guard is not None and run.guard.signum else 0
-        save, stop = _dist.vote_max([int(due), signum], run.group)
-        return bool(save), stop
+        save, stop, bad_anywhere = _dist.vote_max([int(due), signum, int(bad)], run.group)
+        return bool(save), stop, bool(bad_anywhere)
+
+    def _skip_step(self, run: _Run, health: StepHealth | None, lr: float | None,
+                   manual: bool) -> None:
+        """Collective when distributed. The step is not applied (no optimizer, scheduler
+        or scaler step; ``step`` stays); when bad steps persist, roll back."""
+        assert run.watch is not None and self.nan is not None
+        if not manual:
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+        seen = _dist.all_gather_json(_health_json(health, run.watch), run.group) \
+            if run.group is not None else [_health_json(health, run.watch)]
+        # A NaN loss on one rank makes every rank's gradients NaN through DDP's all-reduce:
+        # the rank with the bad loss is where it began.
+        ranks = [r for r, h in enumerate(seen) if h["reason"] is not None]
+        first = next((r for r in ranks if seen[r]["reason"] == "loss"), ranks[0])
+        failure = {"step": self.step, "reason": seen[first]["reason"], "first_rank": first,
+                   "ranks": ranks,
+                   "loss": seen[first]["loss"], "grad_norm": seen[first]["grad_norm"], "lr": lr}
+        roll_back = run.watch.skipped(failure) or manual  # manual: the step already happened
+        run.events.record("step_skipped", level=logging.WARNING, **failure,
+                          consecutive=run.watch.consecutive, applied=manual)
+        if roll_back:
+            self._roll_back(run)
+
+    def _roll_back(self, run: _Run) -> None:
+        """Collective when distributed. Load the newest checkpoint that healthy steps
+        followed, set newer ones aside, and leave out the batches consumed since it."""
+        assert run.watch is not None and self.nan is not None
+        watch, failing_step = run.watch, self.step
+        if watch.num_rollbacks >= self.nan.max_rollbacks:
+            raise NonFiniteLossError(watch.diagnosis(run.world_size))
+        run.collect_finished_save(block=True)
+        if run.store is None:
+            raise NonFiniteLossError(
+                f"bad steps persisted at step {failing_step}, and with checkpoint=None there is "
+                "nothing to roll back to.\n  " + watch.diagnosis(run.world_size))
+        good = [i.step for i in run.store.list() if i.step < failing_step]
+        if not good:
+            raise NonFiniteLossError(
+                f"bad steps persisted at step {failing_step} and no checkpoint before it to "
+                "roll back to.\n  " + watch.diagnosis(run.world_size))
+        target = good[-1]
+        consumed = sorted({b for s, b in self._batch_log if s >= target})
+        loaded = run.store.load(step=target)
+        self._cursor.release()  # its worker processes go now, not at garbage collection
+        self._restore(loaded.state.get(_STATE_KEY), loaded.tensors, loaded.path)
+        watch.rolled_back()
+        self._num_rollbacks = watch.num_rollbacks
+        if self.nan.skip_data:
+            self._cursor.skip.update(consumed)
+        # The target is saved again with the skip list and the rollback count, so that a
+        # restart from here leaves the same batches out; it and the abandoned timeline's
+        # checkpoints are set aside (renamed, kept), never deleted.
+        if run.rank == 0:
+            run.store.set_aside_after(target - 1, f"rolled back from step {failing_step} to "
+                                      f"{target}")
+        _dist.vote_max([0], run.group)  # the ranks meet: those folders are gone for all
+        self._save(run, sync=True)
+        run.events.record(
+            "rolled_back", level=logging.WARNING, from_step=failing_step, to_step=target,
+            skipped_batches=[list(b) for b in consumed] if self.nan.skip_data else [],
+            num_rollbacks=watch.num_rollbacks, max_rollbacks=self.nan.max_rollbacks,
+        )
 
     def _save(self, run: _Run, *, sync: bool = False) -> None:
         """Collective when distributed."""
@@ -406,6 +507,7 @@ class HardenedTrainer:
                       for n, o in self.extra_state.items()},
             "data": flatten(self._cursor.position(), "data", tensors),
             "rng": flatten(self._capture_rng(), "rng", tensors),
+            "num_rollbacks": self._num_rollbacks,
         }
 
     def _signature(self) -> dict[str, Any]:
@@ -452,6 +554,7 @@ class HardenedTrainer:
         for name, obj in self.extra_state.items():
             obj.load_state_dict(unflatten(saved["extra"][name], tensors))
         self.step = saved["step"]
+        self._num_rollbacks = saved.get("num_rollbacks", 0)
         warning = self._cursor.restore(unflatten(saved["data"], tensors))
         if warning is not None:
             warnings.warn(warning, stacklevel=4)
@@ -466,7 +569,11 @@ class HardenedTrainer:
 
     def _next_batch(self) -> Any:
         with self._taking_batch:  # loader workers may be forked now: see shield_loader_workers
-            return self._cursor.next_batch()
+            batch = self._cursor.next_batch()
+        if self.nan is not None:  # which batches a rollback would leave out
+            epoch, index = self._cursor.next_id
+            self._batch_log.append((self.step, (epoch, index - 1)))
+        return batch
 
     def _lr(self) -> float | None:
         for opt in self.optimizers.values():
@@ -497,6 +604,7 @@ class _Run:
     saved_step: int | None = None
     last_checkpoint: CheckpointInfo | None = None
     every_s: float | None = None
+    watch: NanWatch | None = None
     capture_s: float = 0.0  # the last save's capture time (before the store's part)
     save_costs: deque[float] = field(default_factory=lambda: deque(maxlen=4))
 
@@ -505,6 +613,8 @@ class _Run:
         self.rank, self.world_size = _dist.rank_and_world_size()
         os.makedirs(trainer.log_dir, exist_ok=True)
         self.events = EventLog(os.path.join(trainer.log_dir, "events.jsonl"))
+        if trainer.nan is not None:
+            self.watch = NanWatch(trainer.nan, trainer._num_rollbacks)
         if self.guard is not None and not self.guard.armed:
             self.events.record("preemption_unarmed", level=logging.WARNING,
                                reason="fit is not running in the main thread, where signal "
@@ -523,6 +633,24 @@ class _Run:
         if self.rank == 0:
             self.metrics = MetricsLog(os.path.join(trainer.log_dir, "metrics.jsonl"))
         self.saved_at = trainer._clock()
+
+    def measure(self, loss: Any, norm: Any, scaled: bool) -> StepHealth | None:
+        """The step's loss and gradient norm on the host: the one host-device sync the
+        NaN check costs. None without a NaN policy (or a manual step returning None)."""
+        if self.watch is None or loss is None:
+            return None
+        parts = [loss.detach().float().reshape(1) if isinstance(loss, torch.Tensor)
+                 else torch.tensor([float(loss)])]
+        if norm is not None:
+            parts.append(norm.detach().float().reshape(1).to(parts[0].device))
+        values = torch.cat(parts).tolist()
+        grad_norm = values[1] if len(values) > 1 else None
+        scaler_skipped = scaled and grad_norm is not None and not math.isfinite(grad_norm)
+        return StepHealth(values[0], grad_norm, scaler_skipped)
+
+    def is_bad(self, health: StepHealth | None) -> bool:
+        return (health is not None and self.watch is not None
+                and health.problem(self.watch.spike_limit()) is not None)
 
     def record_step(self, step: int, loss: Any, lr: float | None, step_time_s: float) -> None:
         if self.metrics is not None:
@@ -636,6 +764,13 @@ class _Run:
 
 
 # -------------------------------------------------------------------------------- helpers
+
+
+def _health_json(health: StepHealth | None, watch: NanWatch) -> dict[str, Any]:
+    if health is None:
+        return {"reason": None, "loss": None, "grad_norm": None}
+    return {"reason": health.problem(watch.spike_limit()), "loss": health.loss,
+            "grad_norm": health.grad_norm}
 
 
 def _named(value: Any, what: str, kind: type | None) -> dict[str, Any]:

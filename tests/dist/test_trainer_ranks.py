@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import hardtrain as ht
 from tests.trainer.compare import assert_same_run
@@ -142,3 +143,20 @@ def test_torchrun_restarts_a_killed_worker_and_the_job_ends_exactly(
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.findall(r"resumed_from=(\d+)", done.stdout) in (["6", "6"], ["3", "3"]), done.stdout
     assert_same_run(runs["straight"], run_dir, ranks=2)
+
+
+def test_nan_on_one_rank_is_skipped_on_both_without_a_hang(tmp_path: Path) -> None:
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    done = torchrun(run_dir, out, "--nan-rank", "1", "--nan-at", "5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    skipped = [e for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines())
+               if e["event"] == "step_skipped"]
+    # rank 1's NaN loss reaches rank 0's gradients through DDP's all-reduce
+    assert sorted((e["rank"], e["step"], e["reason"], e["first_rank"]) for e in skipped) == [
+        (0, 5, "loss", 1), (1, 5, "loss", 1)]
+    states = [ht.CheckpointStore(run_dir).load(rank=r) for r in range(2)]
+    assert states[0].step == states[1].step == 14
+    for name, tensor in states[0].tensors.items():
+        if name.startswith("model/"):  # DDP kept the replicas equal through the skip
+            assert torch.equal(tensor, states[1].tensors[name]), name

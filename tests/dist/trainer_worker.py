@@ -3,7 +3,7 @@
 Every rank appends its own per-step losses to RESULTS/rank<R>.jsonl. --kill-rank R
 --kill-at K SIGKILLs rank R inside step K+1 (torchrun then stops the other rank), only in
 torchrun's first attempt with --first-attempt-only. --term-rank R --term-at K sends rank R
-SIGTERM inside step K+1.
+SIGTERM inside step K+1. --nan-rank R --nan-at K gives rank R a NaN loss once, in step K+1.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--first-attempt-only", action="store_true")
     parser.add_argument("--term-rank", type=int, default=None)
     parser.add_argument("--term-at", type=int, default=None)
+    parser.add_argument("--nan-rank", type=int, default=None)
+    parser.add_argument("--nan-at", type=int, default=None)
     parser.add_argument("--deep", action="store_true", help="6 layers in 3 small DDP buckets")
     args = parser.parse_args()
 
@@ -61,6 +63,7 @@ def main() -> None:
     log = Path(args.results) / f"rank{rank}.jsonl"
 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    nan_given: list[bool] = []
     kill = not (args.first_attempt_only and attempt > 0)
 
     def step_fn(batch: list[torch.Tensor]) -> torch.Tensor:
@@ -70,6 +73,9 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         x, y = batch
         loss = torch.nn.functional.mse_loss(ddp(x), y)
+        if rank == args.nan_rank and trainer.step == args.nan_at and not nan_given:
+            nan_given.append(True)
+            loss = loss * float("nan")
         with log.open("a") as f:
             f.write(json.dumps({"step": trainer.step + 1, "loss": loss.item()}) + "\n")
         return loss

@@ -276,12 +276,26 @@ class CheckpointStore:
                     "that folder away by hand if you really mean to replace it."
                 )
             self._rejected[step] = "; ".join(map(str, report.problems))
+        self._set_aside(step, self._rejected[step])
+
+    def set_aside_after(self, step: int, reason: str) -> list[int]:
+        """Set aside (rename, never delete) every checkpoint newer than ``step``, so that
+        loading finds ``step`` newest and those steps can be saved again: after a rollback,
+        they belong to a timeline that was abandoned. Not collective: call it on one rank
+        (rank 0), then let the ranks meet before loading. Returns the steps set aside."""
+        self.wait()
+        newer = [s for s in self._steps() if s > step]
+        for later in newer:
+            self._set_aside(later, reason)
+        return newer
+
+    def _set_aside(self, step: int, reason: str) -> None:
         folder = f"{_CHECKPOINTS}/{step_dir_name(step)}"
         aside = f"{folder}.rejected-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
         self._storage.move(folder, aside)
         self.events.record(
             "checkpoint_set_aside", level=logging.WARNING, step=step,
-            to=f"{self.root.rstrip('/')}/{aside}", reason=self._rejected[step],
+            to=f"{self.root.rstrip('/')}/{aside}", reason=reason,
         )
 
     def _persist(self, job: _Job) -> CheckpointInfo:
