@@ -196,3 +196,12 @@ def test_nan_none_trains_through_nans(tmp_path: Path) -> None:
 def test_invalid_nan_policy_names_the_field(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ht.NanPolicy(**kwargs)
+
+
+def test_too_many_skips_in_a_window_roll_back_too(tmp_path: Path) -> None:
+    """Batches 11 and 13 are bad, 12 is fine: never 3 in a row, but 2 within 5 attempts."""
+    nan = ht.NanPolicy(max_consecutive=3, max_in_window=2, window=5)
+    trainer, step = job(tmp_path, batches({11, 13}), nan=nan)
+    trainer.fit(step, max_steps=20)
+    [rolled] = events(tmp_path, "rolled_back")
+    assert rolled["to_step"] == 10 and rolled["skipped_batches"] == [[0, i] for i in range(10, 14)]
