@@ -81,10 +81,13 @@ class HardenedTrainer:
         install the preemption signal handlers (they only set a flag)
         resume from the newest verified checkpoint (or seed a fresh start)
         while step < max_steps:
-            batch = next batch (a new epoch when the data runs out)
-            loss = step_fn(batch); backward; clip; optimizer step; scheduler step
-            step += 1; one line in metrics.jsonl
-            the ranks vote (one all-reduce): stop? checkpoint due?
+            batch = next batch (a new epoch when the data runs out; skip-listed ones dropped)
+            loss = step_fn(batch); backward; clip (or measure the gradient norm)
+            loss and norm to the host (one sync): is this step bad (NaN/Inf, a spike)?
+            the ranks vote (one all-reduce): bad? stop? checkpoint due?
+            if bad: skip it (no optimizer step); too many: roll back to the last good
+                    checkpoint, leaving out the batches since; out of rollbacks: raise
+            else: optimizer step; scheduler step; step += 1; one line in metrics.jsonl
             if stop: finish or abandon the save in flight, save this step if it fits
                      before the deadline, raise ht.Preempted (exit 128 + signal)
             if checkpoint due: save (async: copy, then write in background)
@@ -100,6 +103,7 @@ class HardenedTrainer:
     checkpoint: when to save (``CheckpointPolicy``); None for no checkpoints (and no resume).
     preemption: what a preemption signal does (``PreemptionPolicy``); None keeps the
         signals' default actions (SIGTERM kills the process at once).
+    nan: what a non-finite or spiking step does (``NanPolicy``); None trains through it.
     seed: seeds every generator at a fresh start (``seed_everything``); None leaves them.
     deterministic: deterministic kernels (``set_deterministic``), on every start.
     config: the run's configuration, kept with the run (``trainer.config``).
@@ -210,6 +214,8 @@ class HardenedTrainer:
         started = time.perf_counter()
         with self._open_run() as run:
             resumed_from = self._resume_or_start(run)
+            if self.nan is not None:  # the rollback count comes from the checkpoint
+                run.watch = NanWatch(self.nan, self._num_rollbacks)
             if run.world_size > 2:
                 _settle_ddp_buckets(self.model)
             if self.step >= max_steps:
@@ -230,7 +236,7 @@ class HardenedTrainer:
                 due = self._checkpoint_due(run, self.step + 1, self.step + 1 == max_steps)
                 save, stop, bad = self._vote(run, due=due, bad=run.is_bad(health))
                 if bad:  # on some rank: every rank skips it (manual: it already happened)
-                    self._skip_step(run, health, lr, manual)
+                    self._skip_step(run, health, lr, manual, max_grad_norm)
                 else:
                     if not manual:
                         self._optimizer_step()
@@ -362,13 +368,15 @@ class HardenedTrainer:
         return bool(save), stop, bool(bad_anywhere)
 
     def _skip_step(self, run: _Run, health: StepHealth | None, lr: float | None,
-                   manual: bool) -> None:
+                   manual: bool, max_grad_norm: float | None) -> None:
         """Collective when distributed. The step is not applied (no optimizer, scheduler
         or scaler step; ``step`` stays); when bad steps persist, roll back."""
         assert run.watch is not None and self.nan is not None
         if not manual:
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None and max_grad_norm is not None:
+                self.scaler.update()  # unscale_ ran: close the scaler's step without one
         seen = _dist.all_gather_json(_health_json(health, run.watch), run.group) \
             if run.group is not None else [_health_json(health, run.watch)]
         # A NaN loss on one rank makes every rank's gradients NaN through DDP's all-reduce:
@@ -613,8 +621,6 @@ class _Run:
         self.rank, self.world_size = _dist.rank_and_world_size()
         os.makedirs(trainer.log_dir, exist_ok=True)
         self.events = EventLog(os.path.join(trainer.log_dir, "events.jsonl"))
-        if trainer.nan is not None:
-            self.watch = NanWatch(trainer.nan, trainer._num_rollbacks)
         if self.guard is not None and not self.guard.armed:
             self.events.record("preemption_unarmed", level=logging.WARNING,
                                reason="fit is not running in the main thread, where signal "

@@ -205,3 +205,31 @@ def test_too_many_skips_in_a_window_roll_back_too(tmp_path: Path) -> None:
     trainer.fit(step, max_steps=20)
     [rolled] = events(tmp_path, "rolled_back")
     assert rolled["to_step"] == 10 and rolled["skipped_batches"] == [[0, i] for i in range(10, 14)]
+
+
+def test_a_skip_with_a_grad_scaler_and_clipping_goes_on(tmp_path: Path) -> None:
+    scaler = torch.amp.GradScaler("cpu")
+    trainer, step = job(tmp_path, batches({7}), scaler=scaler)
+    assert trainer.fit(step, max_steps=12, max_grad_norm=1.0).step == 12
+    assert [e["step"] for e in events(tmp_path, "step_skipped")] == [7]
+
+
+def test_the_rollback_count_survives_a_restart(tmp_path: Path) -> None:
+    poisoned = {12, 13, 14}
+    crashing, step = job(tmp_path, batches(poisoned), nan=ht.NanPolicy(max_rollbacks=1))
+
+    def crash_after_rollback(batch: list[torch.Tensor]) -> torch.Tensor:
+        if events(tmp_path, "rolled_back"):
+            raise RuntimeError("crash right after the rollback")
+        return step(batch)
+
+    with pytest.raises(RuntimeError):
+        crashing.fit(crash_after_rollback, max_steps=30)
+    restarted, step = job(tmp_path, batches(poisoned), nan=ht.NanPolicy(max_rollbacks=1))
+
+    def diverging(batch: list[torch.Tensor]) -> torch.Tensor:
+        loss = step(batch)
+        return loss * float("nan") if restarted.step >= 16 else loss
+
+    with pytest.raises(ht.NonFiniteLossError, match="after 1 rollback"):
+        restarted.fit(diverging, max_steps=30)  # the one rollback was spent before the crash
