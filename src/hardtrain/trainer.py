@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
-import re
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
-import fsspec
 import torch
 
 from hardtrain import _dist
-from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
+from hardtrain._resume_checks import (
+    class_name,
+    device_differences,
+    model_differences,
+    signature_differences,
+)
+from hardtrain._run import Run, default_log_dir
+from hardtrain.checkpoint import CheckpointInfo
 from hardtrain.checkpoint._policy import CheckpointPolicy
 from hardtrain.data import DataCursor, generators_of
 from hardtrain.determinism import seed_everything, set_deterministic
@@ -37,7 +41,6 @@ from hardtrain.preemption import (
     signal_name,
 )
 from hardtrain.state import capture_rng, flatten, restore_rng, unflatten
-from hardtrain.telemetry import EventLog, MetricsLog
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +177,7 @@ class HardenedTrainer:
         self.seed = seed
         self.deterministic = bool(deterministic)
         self.config = config
-        self.log_dir = os.fspath(log_dir) if log_dir is not None else _default_log_dir(self.run_dir)
+        self.log_dir = os.fspath(log_dir) if log_dir is not None else default_log_dir(self.run_dir)
         self.storage_options = dict(storage_options or {})
         self._clock = clock
         self.step = 0
@@ -308,7 +311,7 @@ class HardenedTrainer:
     # ------------------------------------------------------------------------ the run
 
     @contextlib.contextmanager
-    def _open_run(self) -> Iterator[_Run]:
+    def _open_run(self) -> Iterator[Run]:
         guard = None
         self._batch_log.clear()
         with contextlib.ExitStack() as stack:
@@ -316,14 +319,14 @@ class HardenedTrainer:
                 guard = stack.enter_context(PreemptionGuard(self.preemption, clock=self._clock))
                 self._taking_batch = stack.enter_context(
                     shield_loader_workers(self.data, self.preemption))
-            run = _Run(self, guard)
+            run = Run(self, guard)
             try:
                 yield run
             finally:
                 self._taking_batch = _NO_CONTEXT
                 run.close()
 
-    def _resume_or_start(self, run: _Run) -> int | None:
+    def _resume_or_start(self, run: Run) -> int | None:
         """Load the newest verified checkpoint into the user's objects, or start fresh."""
         if self.deterministic:
             set_deterministic()
@@ -347,7 +350,7 @@ class HardenedTrainer:
                           epoch=self._cursor.epoch)
         return loaded.step
 
-    def _checkpoint_due(self, run: _Run, step: int, final: bool) -> bool:
+    def _checkpoint_due(self, run: Run, step: int, final: bool) -> bool:
         """This rank's view: is a checkpoint due once ``step`` is done? (Local.)"""
         policy = self.checkpoint
         if policy is None:
@@ -358,7 +361,7 @@ class HardenedTrainer:
         every_s = run.every_s
         return every_s is not None and not run.saving and self._clock() - run.saved_at >= every_s
 
-    def _vote(self, run: _Run, *, due: bool, bad: bool = False) -> tuple[bool, int, bool]:
+    def _vote(self, run: Run, *, due: bool, bad: bool = False) -> tuple[bool, int, bool]:
         """Collective when distributed: every rank must call this at every step. One
         all-reduce: (save, stop, bad) where save is True if due on any rank, stop the
         preemption signal's number if any rank received one (else 0), and bad True if
@@ -367,7 +370,7 @@ class HardenedTrainer:
         save, stop, bad_anywhere = _dist.vote_max([int(due), signum, int(bad)], run.group)
         return bool(save), stop, bool(bad_anywhere)
 
-    def _skip_step(self, run: _Run, health: StepHealth | None, lr: float | None,
+    def _skip_step(self, run: Run, health: StepHealth | None, lr: float | None,
                    manual: bool, max_grad_norm: float | None) -> None:
         """Collective when distributed. The step is not applied (no optimizer, scheduler
         or scaler step; ``step`` stays); when bad steps persist, roll back."""
@@ -392,7 +395,7 @@ class HardenedTrainer:
         if roll_back:
             self._roll_back(run)
 
-    def _roll_back(self, run: _Run) -> None:
+    def _roll_back(self, run: Run) -> None:
         """Collective when distributed. Load the newest checkpoint that healthy steps
         followed, set newer ones aside, and leave out the batches consumed since it."""
         assert run.watch is not None and self.nan is not None
@@ -432,7 +435,7 @@ class HardenedTrainer:
             num_rollbacks=watch.num_rollbacks, max_rollbacks=self.nan.max_rollbacks,
         )
 
-    def _save(self, run: _Run, *, sync: bool = False) -> None:
+    def _save(self, run: Run, *, sync: bool = False) -> None:
         """Collective when distributed."""
         assert run.store is not None and self.checkpoint is not None
         started = time.perf_counter()
@@ -448,7 +451,7 @@ class HardenedTrainer:
             run.committed(run.store.save(self.step, tensors, state))
         run.saved_step = self.step
 
-    def _stop(self, run: _Run, signum: int) -> NoReturn:
+    def _stop(self, run: Run, signum: int) -> NoReturn:
         """Collective when distributed. Every rank stops at this step: the save in flight
         is finished (or abandoned when it would end too late), this step is saved if
         earlier saves say it fits before the deadline, then ht.Preempted."""
@@ -522,12 +525,12 @@ class HardenedTrainer:
         """What must be the same for a checkpoint to fit this trainer."""
         return {
             "optimizers": {
-                name: {"class": _class_name(opt), "param_shapes": [
+                name: {"class": class_name(opt), "param_shapes": [
                     [list(p.shape) for p in group["params"]] for group in opt.param_groups
                 ]} for name, opt in self.optimizers.items()
             },
-            "schedulers": {name: _class_name(s) for name, s in self.schedulers.items()},
-            "scaler": None if self.scaler is None else _class_name(self.scaler),
+            "schedulers": {name: class_name(s) for name, s in self.schedulers.items()},
+            "scaler": None if self.scaler is None else class_name(self.scaler),
             "extra_state": sorted(self.extra_state),
             "data": self._cursor.kind,
             "data_generators": sorted(generators_of(self.data)),
@@ -543,9 +546,9 @@ class HardenedTrainer:
             )
         model = _unwrap(self.model)
         saved_model = unflatten(saved["model"], tensors)
-        differences = _model_differences(model.state_dict(), saved_model)
-        differences += _signature_differences(saved["signature"], self._signature())
-        differences += _device_differences(saved["rng"])
+        differences = model_differences(model.state_dict(), saved_model)
+        differences += signature_differences(saved["signature"], self._signature())
+        differences += device_differences(saved["rng"])
         if differences:
             raise CheckpointMismatchError(
                 f"{path} does not fit this trainer: " + "; ".join(differences) + ". Nothing "
@@ -593,180 +596,6 @@ class HardenedTrainer:
     def _parameters(self) -> list[torch.Tensor]:
         return [p for opt in self.optimizers.values() for g in opt.param_groups
                 for p in g["params"]]
-
-
-@dataclass
-class _Run:
-    """What one ``fit`` call holds open: store, logs, vote group, save bookkeeping."""
-
-    trainer: HardenedTrainer
-    guard: PreemptionGuard | None = None
-    store: CheckpointStore | None = None
-    events: EventLog = field(init=False)
-    metrics: MetricsLog | None = None
-    group: Any = None
-    rank: int = 0
-    world_size: int = 1
-    saving: bool = False
-    saved_at: float = 0.0  # clock() when the last save finished (or the run started)
-    saved_step: int | None = None
-    last_checkpoint: CheckpointInfo | None = None
-    every_s: float | None = None
-    watch: NanWatch | None = None
-    capture_s: float = 0.0  # the last save's capture time (before the store's part)
-    save_costs: deque[float] = field(default_factory=lambda: deque(maxlen=4))
-
-    def __post_init__(self) -> None:
-        trainer = self.trainer
-        self.rank, self.world_size = _dist.rank_and_world_size()
-        os.makedirs(trainer.log_dir, exist_ok=True)
-        self.events = EventLog(os.path.join(trainer.log_dir, "events.jsonl"))
-        if self.guard is not None and not self.guard.armed:
-            self.events.record("preemption_unarmed", level=logging.WARNING,
-                               reason="fit is not running in the main thread, where signal "
-                               "handlers must be installed; signals keep their default action")
-        self.upload_logs = _is_remote(trainer.run_dir) and self.rank == 0
-        if self.upload_logs:
-            self.upload_logs = self._download_logs()
-        if self.world_size > 1:
-            self.group = _dist.new_cpu_group()
-        policy = trainer.checkpoint
-        if policy is not None:
-            self.every_s = policy.every_s
-            self.store = CheckpointStore(trainer.run_dir, keep_last=policy.keep_last,
-                                         events=self.events,
-                                         storage_options=trainer.storage_options)
-        if self.rank == 0:
-            self.metrics = MetricsLog(os.path.join(trainer.log_dir, "metrics.jsonl"))
-        self.saved_at = trainer._clock()
-
-    def measure(self, loss: Any, norm: Any, scaled: bool) -> StepHealth | None:
-        """The step's loss and gradient norm on the host: the one host-device sync the
-        NaN check costs. None without a NaN policy (or a manual step returning None)."""
-        if self.watch is None or loss is None:
-            return None
-        parts = [loss.detach().float().reshape(1) if isinstance(loss, torch.Tensor)
-                 else torch.tensor([float(loss)])]
-        if norm is not None:
-            parts.append(norm.detach().float().reshape(1).to(parts[0].device))
-        values = torch.cat(parts).tolist()
-        grad_norm = values[1] if len(values) > 1 else None
-        scaler_skipped = scaled and grad_norm is not None and not math.isfinite(grad_norm)
-        return StepHealth(values[0], grad_norm, scaler_skipped)
-
-    def is_bad(self, health: StepHealth | None) -> bool:
-        return (health is not None and self.watch is not None
-                and health.problem(self.watch.spike_limit()) is not None)
-
-    def record_step(self, step: int, loss: Any, lr: float | None, step_time_s: float) -> None:
-        if self.metrics is not None:
-            self.metrics.write(step, loss, lr, step_time_s)
-
-    def collect_finished_save(self, *, block: bool = False) -> None:
-        """If the background save has finished (or ``block``: once it has), take its
-        result, raising its error."""
-        if self.saving and self.store is not None and (block or not self.store.saving):
-            self.saving = False
-            info = self.store.wait()
-            if info is not None:
-                self.committed(info)
-
-    def committed(self, info: CheckpointInfo) -> None:
-        self.last_checkpoint = info
-        self.saved_at = self.trainer._clock()
-        self.save_costs.append(self.capture_s + (info.blocking_s or 0) + (info.persist_s or 0))
-        if self.upload_logs:
-            self._upload_logs()
-
-    def finish_or_abandon(self, budget_s: float) -> None:
-        """At a preemption: wait up to ``budget_s`` for the save in flight, then give it
-        up; the previous checkpoint stays valid. Collective when distributed (the ranks'
-        save threads agree on commit or not)."""
-        if not self.saving or self.store is None:
-            return
-        self.saving = False
-        try:
-            info = self.store.wait(timeout=max(budget_s, 0.0))
-        except TimeoutError:
-            info = self.store.abandon()
-        except CheckpointWriteError:
-            info = None  # recorded as checkpoint_save_failed
-        if info is not None:
-            self.committed(info)
-        else:  # abandoned or failed: the saved step is the last committed one
-            self.saved_step = None if self.last_checkpoint is None else self.last_checkpoint.step
-
-    def save_too_slow(self, remaining_s: float) -> str | None:
-        """Why a save now would not fit in ``remaining_s``, judged by the slowest of the
-        last saves; None when it fits (or nothing was measured yet: then it is tried)."""
-        if remaining_s <= 0:
-            return f"the deadline has passed ({-remaining_s:.1f} s ago)"
-        if self.save_costs and max(self.save_costs) > remaining_s:
-            return (f"earlier saves took up to {max(self.save_costs):.1f} s and {remaining_s:.1f} "
-                    "s are left before the deadline")
-        return None
-
-    def flush_logs(self) -> None:
-        """Before a checkpoint: every line up to this step is durable, so a restart that
-        resumes here finds the log complete up to it."""
-        if self.metrics is not None:
-            self.metrics.flush(durable=True)
-
-    def finish(self) -> None:
-        """The final checkpoint (if the last step was not saved) and waiting for it."""
-        if self.store is not None:
-            if self.saved_step != self.trainer.step:
-                self.trainer._save(self)
-            self.saving = False
-            info = self.store.wait()
-            if info is not None:
-                self.committed(info)
-
-    def close(self) -> None:
-        """Finish the save in flight (a committed checkpoint beats a fast exit) and close.
-        The data's iterator goes too: the next ``fit`` resumes from the checkpoint."""
-        try:
-            if self.store is not None:
-                self.trainer._cursor.release()
-                self.store.close()
-        finally:
-            if self.metrics is not None:
-                self.metrics.close()
-            if self.upload_logs:
-                self._upload_logs()
-
-    def _log_files(self) -> list[tuple[str, str]]:
-        trainer = self.trainer
-        return [(os.path.join(trainer.log_dir, name), f"{trainer.run_dir.rstrip('/')}/{name}")
-                for name in ("metrics.jsonl", "events.jsonl")]
-
-    def _upload_logs(self) -> None:
-        """Copy the local logs up to a remote run_dir; a failure is an event, never fatal."""
-        try:
-            fs, _ = fsspec.core.url_to_fs(self.trainer.run_dir, **self.trainer.storage_options)
-            for local, remote in self._log_files():
-                if os.path.exists(local):
-                    fs.put_file(local, remote)
-        except Exception as e:
-            self.events.record("logs_upload_failed", level=logging.WARNING,
-                               error=f"{type(e).__name__}: {e}")
-
-    def _download_logs(self) -> bool:
-        """A restart on a new machine continues the logs already in the remote run_dir.
-        If they cannot be fetched, the local logs are not copied up (that would replace
-        the remote history with a shorter one): an event says so, and False."""
-        try:
-            fs, _ = fsspec.core.url_to_fs(self.trainer.run_dir, **self.trainer.storage_options)
-            for local, remote in self._log_files():
-                if not os.path.exists(local) and fs.exists(remote):
-                    fs.get_file(remote, local)
-        except Exception as e:
-            self.events.record(
-                "logs_download_failed", level=logging.WARNING, error=f"{type(e).__name__}: {e}",
-                note=f"logs stay in {self.trainer.log_dir} and are not copied up this run",
-            )
-            return False
-        return True
 
 
 # -------------------------------------------------------------------------------- helpers
@@ -834,77 +663,3 @@ def _settle_ddp_buckets(model: torch.nn.Module) -> None:
     if callable(push):
         push()
 
-
-def _class_name(obj: Any) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _model_differences(current: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
-    found = []
-    missing = [k for k in current if k not in saved]
-    unexpected = [k for k in saved if k not in current]
-    if missing:
-        found.append(f"model keys missing from the checkpoint: {_some(missing)}")
-    if unexpected:
-        found.append(f"unexpected model keys in the checkpoint: {_some(unexpected)}")
-    for key in sorted(current.keys() & saved.keys()):
-        now, then = current[key], saved[key]
-        if isinstance(now, torch.Tensor) and isinstance(then, torch.Tensor) and (
-            now.shape != then.shape or now.dtype != then.dtype
-        ):
-            found.append(f"model {key}: checkpoint has {then.dtype} {list(then.shape)}, the "
-                         f"model has {now.dtype} {list(now.shape)}")
-    return found
-
-
-def _signature_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    found = []
-    for part, label in [("optimizers", "optimizer"), ("schedulers", "scheduler"),
-                        ("scaler", "scaler"), ("extra_state", "extra_state"),
-                        ("data", "data"), ("data_generators", "data generators")]:
-        then, now = saved.get(part), current.get(part)
-        if then == now:
-            continue
-        if isinstance(then, dict) and isinstance(now, dict) and then.keys() == now.keys():
-            for name in then:
-                if then[name] != now[name]:
-                    found.append(f"{label} {name!r}: {_describe(then[name], now[name])}")
-        else:
-            found.append(f"{label}: checkpoint has {then}, this trainer has {now}")
-    return found
-
-
-def _device_differences(saved_rng: Mapping[str, Any]) -> list[str]:
-    """The CUDA RNG states saved must fit the devices this process sees."""
-    if "cuda" not in saved_rng:
-        return []
-    saved, found = len(saved_rng["cuda"]), torch.cuda.device_count()
-    if saved == found:
-        return []
-    return [f"RNG state for {saved} CUDA device(s), this process sees {found} (resume with the "
-            "same CUDA_VISIBLE_DEVICES)"]
-
-
-def _describe(then: Any, now: Any) -> str:
-    if isinstance(then, dict) and isinstance(now, dict):
-        if then.get("class") != now.get("class"):
-            return f"checkpoint has {then.get('class')}, this trainer has {now.get('class')}"
-        return (f"parameter shapes differ (checkpoint {then.get('param_shapes')}, this "
-                f"trainer {now.get('param_shapes')})")
-    return f"checkpoint has {then}, this trainer has {now}"
-
-
-def _some(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _is_remote(run_dir: str) -> bool:
-    protocol = fsspec.core.split_protocol(run_dir)[0]
-    return protocol not in (None, "file", "local")
-
-
-def _default_log_dir(run_dir: str) -> str:
-    if not _is_remote(run_dir):
-        return fsspec.core.strip_protocol(run_dir) if run_dir.startswith("file://") else run_dir
-    return os.path.join("hardtrain-logs", re.sub(r"[^A-Za-z0-9._-]+", "_", run_dir).strip("_"))
