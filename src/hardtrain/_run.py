@@ -75,11 +75,12 @@ class Run:
         NaN check costs. None without a NaN policy (or a manual step returning None)."""
         if self.watch is None or loss is None:
             return None
-        parts = [loss.detach().float().reshape(1) if isinstance(loss, torch.Tensor)
-                 else torch.tensor([float(loss)])]
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss))
+        parts = [loss.detach().float().reshape(())]
         if norm is not None:
-            parts.append(norm.detach().float().reshape(1).to(parts[0].device))
-        values = torch.cat(parts).tolist()
+            parts.append(norm.detach().float().reshape(()).to(parts[0].device))
+        values = torch.stack(parts).tolist()
         grad_norm = values[1] if len(values) > 1 else None
         scaler_skipped = scaled and grad_norm is not None and not math.isfinite(grad_norm)
         return StepHealth(values[0], grad_norm, scaler_skipped)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -120,8 +121,24 @@ class MetricsLog:
             self._emit(entry)
 
     def _emit(self, entry: dict[str, Any]) -> None:
-        self._file.write(json.dumps(entry) + "\n")
+        self._file.write(_metrics_line(entry))
         now = time.monotonic()
         if now - self._flushed_at >= self.flush_every_s:
             self._file.flush()
             self._flushed_at = now
+
+
+def _metrics_line(entry: dict[str, Any]) -> str:
+    """``json.dumps(entry) + "\\n"`` for a metrics entry, in a fraction of its time (it runs
+    every step): finite floats print as JSON numbers with ``repr``'s shortest round trip,
+    anything else goes through ``json``."""
+    parts = []
+    for key, value in entry.items():
+        if type(value) is float and math.isfinite(value):
+            text = repr(value)
+        elif type(value) is int:
+            text = str(value)
+        else:
+            text = json.dumps(value)
+        parts.append(f'"{key}": {text}')
+    return "{" + ", ".join(parts) + "}\n"
