@@ -211,7 +211,8 @@ class HardenedTrainer:
             Everything it touches is still saved if it was given to the trainer.
 
         Raises ``ht.Preempted`` (a ``SystemExit``) after a preemption signal, once the
-        state is saved as far as the deadline allowed.
+        state is saved as far as the deadline allowed, and ``ht.NonFiniteLossError`` when
+        bad steps persist through the NaN policy's rollbacks.
         """
         _check_fit_args(max_steps, grad_accum_steps, max_grad_norm, manual)
         started = time.perf_counter()
