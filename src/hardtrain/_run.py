@@ -3,6 +3,7 @@ vote group, the preemption guard, the NaN watch, and the bookkeeping of saves.""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import os
@@ -118,7 +119,7 @@ class Run:
         self.saving = False
         try:
             info = self.store.wait(timeout=max(budget_s, 0.0))
-        except TimeoutError:
+        except (TimeoutError, concurrent.futures.TimeoutError):  # not the same before 3.11
             info = self.store.abandon()
         except CheckpointWriteError:
             info = None  # recorded as checkpoint_save_failed

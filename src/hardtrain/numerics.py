@@ -35,7 +35,8 @@ class NanPolicy:
     max_consecutive: skipped steps in a row that trigger a rollback (>= 1).
     max_in_window: skipped steps within the last ``window`` attempted steps that trigger a
         rollback (>= 1), or None; ``window`` (>= max_in_window) with it.
-    max_rollbacks: rollbacks allowed in one run, counted across restarts (>= 0).
+    max_rollbacks: rollbacks allowed in one run, counted across restarts (>= 0). A
+        rollback needs the checkpoint before the newest: use ``keep_last >= 2``.
     spike_zscore: also skip a step whose loss is more than this many standard deviations
         above the mean of the last ``spike_window`` healthy losses (> 0), or None.
     spike_window: healthy losses the spike test looks back on (>= 10); no spike is

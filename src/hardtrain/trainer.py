@@ -340,7 +340,8 @@ class HardenedTrainer:
             run.events.record("training_started", step=0, seed=self.seed,
                               world_size=run.world_size)
             return None
-        self._restore(loaded.state.get(_STATE_KEY), loaded.tensors, loaded.path)
+        with self._taking_batch:  # the data may fork loader workers
+            self._restore(loaded.state.get(_STATE_KEY), loaded.tensors, loaded.path)
         run.last_checkpoint = CheckpointInfo(loaded.step, loaded.path, True)
         run.saved_step = loaded.step
         logger.info("rank=%d resumed from %s (step %d, epoch %d, batch %d of the epoch)",
@@ -407,28 +408,35 @@ class HardenedTrainer:
             raise NonFiniteLossError(
                 f"bad steps persisted at step {failing_step}, and with checkpoint=None there is "
                 "nothing to roll back to.\n  " + watch.diagnosis(run.world_size))
-        good = [i.step for i in run.store.list() if i.step < failing_step]
-        if not good:
+        good = [i.step for i in run.store.list() if i.step < failing_step and i.problem is None]
+        # rank 0's choice for all: another rank may list the folder while rank 0's save
+        # thread is still pruning it
+        target = _dist.all_gather_json(good[-1] if good else None, run.group)[0] \
+            if run.group is not None else (good[-1] if good else None)
+        if target is None:
             raise NonFiniteLossError(
                 f"bad steps persisted at step {failing_step} and no checkpoint before it to "
-                "roll back to.\n  " + watch.diagnosis(run.world_size))
-        target = good[-1]
+                "roll back to (with keep_last=1 the one before the newest is gone).\n  "
+                + watch.diagnosis(run.world_size))
         consumed = sorted({b for s, b in self._batch_log if s >= target})
+        # The abandoned timeline's checkpoints are set aside (renamed, kept, never deleted)
+        # so that their steps can be saved again. The target stays as it is: a crash
+        # before the next checkpoint replays from it, meets the same bad steps and rolls
+        # back the same way.
+        if run.rank == 0:
+            run.store.set_aside_after(target, f"rolled back from step {failing_step} to "
+                                      f"{target}")
+        _dist.vote_max([0], run.group)  # the ranks meet: those folders are gone for all
         loaded = run.store.load(step=target)
         self._cursor.release()  # its worker processes go now, not at garbage collection
-        self._restore(loaded.state.get(_STATE_KEY), loaded.tensors, loaded.path)
+        with self._taking_batch:  # the data may fork loader workers
+            self._restore(loaded.state.get(_STATE_KEY), loaded.tensors, loaded.path)
         watch.rolled_back()
         self._num_rollbacks = watch.num_rollbacks
         if self.nan.skip_data:
             self._cursor.skip.update(consumed)
-        # The target is saved again with the skip list and the rollback count, so that a
-        # restart from here leaves the same batches out; it and the abandoned timeline's
-        # checkpoints are set aside (renamed, kept), never deleted.
-        if run.rank == 0:
-            run.store.set_aside_after(target - 1, f"rolled back from step {failing_step} to "
-                                      f"{target}")
-        _dist.vote_max([0], run.group)  # the ranks meet: those folders are gone for all
-        self._save(run, sync=True)
+        run.last_checkpoint = CheckpointInfo(target, loaded.path, True)
+        run.saved_step = target
         run.events.record(
             "rolled_back", level=logging.WARNING, from_step=failing_step, to_step=target,
             skipped_batches=[list(b) for b in consumed] if self.nan.skip_data else [],
@@ -458,16 +466,21 @@ class HardenedTrainer:
         assert run.guard is not None and self.preemption is not None
         deadline_s = self.preemption.deadline_s
         now = self._clock()
-        received_at = run.guard.received_at if run.guard.received_at is not None else now
+        elapsed = 0.0 if run.guard.received_at is None else now - run.guard.received_at
+        mine: dict[str, Any] = {"signal": run.guard.signum, "elapsed": elapsed}
+        seen = _dist.all_gather_json(mine, run.group) if run.group else [mine]
+        signalled = [s["signal"] for s in seen]
+        # the deadline runs from the earliest signal on any rank (clocks differ: elapsed)
+        received_at = now - max(float(s["elapsed"]) for s in seen)
         deadline_at = received_at + deadline_s * (1 - _EXIT_SHARE)
-        signalled = _dist.all_gather_json(run.guard.signum, run.group) if run.group else [
-            run.guard.signum]
         run.events.record("preemption_requested", level=logging.WARNING, step=self.step,
                           signal=signal_name(signum),
                           signalled_ranks=[r for r, s in enumerate(signalled) if s])
         if run.store is not None:
             run.finish_or_abandon(deadline_at - self._clock())
-            if run.saved_step != self.step and self.step > 0:  # step 0: nothing to lose
+            # step 0: nothing to lose; in a NaN streak: the restart must meet it again
+            streak = run.watch is not None and run.watch.consecutive > 0
+            if run.saved_step != self.step and self.step > 0 and not streak:
                 too_slow = run.save_too_slow(deadline_at - self._clock())
                 if not _dist.vote_max([int(too_slow is not None)], run.group)[0]:
                     with contextlib.suppress(CheckpointWriteError):  # an event already

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,7 +94,27 @@ def test_a_poisoned_stretch_rolls_back_and_equals_the_stream_without_it(tmp_path
     assert_same_run(tmp_path / "ref", tmp_path / "run", state=False)
 
 
+def skip_list(run_dir: Path) -> list[list[int]]:
+    state = ht.CheckpointStore(run_dir).load().state["hardtrain"]
+    return state["data"]["skip"]
+
+
 def test_a_restart_after_a_rollback_keeps_the_skip_list(tmp_path: Path) -> None:
+    poisoned = {12, 13, 14}
+    straight, step = job(tmp_path / "a", batches(poisoned))
+    straight.fit(step, max_steps=30)
+    stopped, step = job(tmp_path / "b", batches(poisoned))
+    assert stopped.fit(step, max_steps=17).step == 17  # past the rollback, then stopped
+    assert skip_list(tmp_path / "b") == [[0, i] for i in range(10, 15)]
+    restarted, step = job(tmp_path / "b", batches(poisoned))
+    assert restarted.fit(step, max_steps=30).resumed_from == 17
+    assert restarted._cursor.skip == {(0, i) for i in range(10, 15)}
+    assert skip_list(tmp_path / "b") == [[0, i] for i in range(10, 15)]
+    assert len(events(tmp_path / "b", "rolled_back")) == 1
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_crash_right_after_a_rollback_replays_it_exactly(tmp_path: Path) -> None:
     poisoned = {12, 13, 14}
     straight, step = job(tmp_path / "a", batches(poisoned))
     straight.fit(step, max_steps=30)
@@ -105,10 +127,33 @@ def test_a_restart_after_a_rollback_keeps_the_skip_list(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="crash right after"):
         crashing.fit(crash_after_rollback, max_steps=30)
+    assert [i.step for i in ht.CheckpointStore(tmp_path / "b").list()][-1] == 10  # kept
     restarted, step = job(tmp_path / "b", batches(poisoned))
     assert restarted.fit(step, max_steps=30).resumed_from == 10
-    assert len(events(tmp_path / "b", "rolled_back")) == 1  # the poison was not met again
-    assert not [e for e in events(tmp_path / "b", "step_skipped") if e["step"] > 12]
+    first, again = events(tmp_path / "b", "rolled_back")  # the same rollback, replayed
+    assert first["skipped_batches"] == again["skipped_batches"]
+    assert first["num_rollbacks"] == again["num_rollbacks"] == 1
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_preemption_in_a_nan_streak_saves_nothing_and_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    poisoned = {12, 13, 14}
+    straight, step = job(tmp_path / "a", batches(poisoned))
+    straight.fit(step, max_steps=30)
+    stopped, step = job(tmp_path / "b", batches(poisoned))
+
+    def term_in_the_streak(batch: list[torch.Tensor]) -> torch.Tensor:
+        if torch.isnan(batch[0]).any() and not events(tmp_path / "b", "preemption_requested"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(batch)
+
+    with pytest.raises(ht.Preempted) as raised:
+        stopped.fit(term_in_the_streak, max_steps=30)
+    assert raised.value.step == 12 and not raised.value.saved  # mid-streak: not saved
+    restarted, step = job(tmp_path / "b", batches(poisoned))
+    assert restarted.fit(step, max_steps=30).resumed_from == 10
     assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
