@@ -266,13 +266,13 @@ def plot(path: Path, straight: dict[int, float], killed: dict[int, float],
         curves.axvspan(after.resumed_from or 0, start.killed_in_step, color="tab:red", alpha=0.12,
                        label="replayed after the restart" if i == 0 else None)
         curves.axvline(start.killed_in_step, color="tab:red", ls="--", lw=1.2,
-                       label="SIGKILL" if i == 0 else None)
+                       label="interruption (SIGTERM or SIGKILL)" if i == 0 else None)
         curves.annotate(f"{start.signal} {i + 1}\nstep {start.killed_in_step}",
                         (start.killed_in_step, 0.97), xycoords=("data", "axes fraction"),
                         xytext=(4, 0), textcoords="offset points", va="top", fontsize=8,
                         color="tab:red")
     curves.set_ylabel("training loss")
-    curves.set_title(f"{EXAMPLE.name}: uninterrupted vs SIGKILLed and resumed")
+    curves.set_title(f"{EXAMPLE.name}: uninterrupted vs interrupted and resumed")
     curves.legend(loc="upper right", bbox_to_anchor=(1.0, 0.85), fontsize=8)
     common = [s for s in steps if s in killed]
     delta = [killed[s] - straight[s] for s in common]
@@ -282,7 +282,7 @@ def plot(path: Path, straight: dict[int, float], killed: dict[int, float],
         diff.set_ylim(-1, 1)
     diff.set_ylabel("difference")
     diff.set_xlabel("step")
-    diff.set_title("killed minus uninterrupted: "
+    diff.set_title("interrupted minus uninterrupted: "
                    + ("exactly 0 at every step" if exact else "NOT ZERO"), fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
