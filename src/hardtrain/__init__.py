@@ -18,10 +18,17 @@ from hardtrain.errors import (
     CheckpointError,
     CheckpointMismatchError,
     CheckpointWriteError,
+    EnvironmentChangedError,
     HardtrainError,
     NoCheckpointError,
     NonFiniteLossError,
     Preempted,
+)
+from hardtrain.metadata import (
+    EnvironmentChangedWarning,
+    MetadataChange,
+    MetadataPolicy,
+    capture_metadata,
 )
 from hardtrain.numerics import NanPolicy
 from hardtrain.preemption import PreemptionGuard, PreemptionPolicy
@@ -39,12 +46,16 @@ __all__ = [
     "CheckpointPolicy",
     "CheckpointStore",
     "CheckpointWriteError",
+    "EnvironmentChangedError",
+    "EnvironmentChangedWarning",
     "EventLog",
     "FileProblem",
     "FitResult",
     "HardenedTrainer",
     "HardtrainError",
     "LoadedCheckpoint",
+    "MetadataChange",
+    "MetadataPolicy",
     "NanPolicy",
     "NoCheckpointError",
     "NonFiniteLossError",
@@ -53,6 +64,7 @@ __all__ = [
     "PreemptionPolicy",
     "VerifyReport",
     "__version__",
+    "capture_metadata",
     "seed_everything",
     "set_deterministic",
 ]

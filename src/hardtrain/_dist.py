@@ -30,6 +30,11 @@ def new_cpu_group() -> Any:
     return dist.new_group(backend="gloo")
 
 
+def destroy_group(group: Any) -> None:
+    """Collective: every rank must call this. Free a group from ``new_cpu_group``."""
+    dist.destroy_process_group(group)
+
+
 def all_gather_json(obj: Any, group: Any) -> list[Any]:
     """Collective: every rank must call this. Every rank's JSON-able ``obj``, in rank order.
 

@@ -46,6 +46,7 @@ class Run:
     watch: NanWatch | None = None
     capture_s: float = 0.0  # the last save's capture time (before the store's part)
     save_costs: deque[float] = field(default_factory=lambda: deque(maxlen=4))
+    metadata_files: dict[str, bytes] = field(default_factory=dict)  # run.json, ... (rank 0)
 
     def __post_init__(self) -> None:
         trainer = self.trainer

@@ -2,25 +2,33 @@
 
     hardtrain ls RUN_DIR [--no-verify]
     hardtrain verify RUN_DIR [--step N]
+    hardtrain metadata [RUN_DIR] [--step N] [--json]
     hardtrain torture [--kills N] [--signal term|kill|mix] [--seed S] ... -- CMD ...
 
 RUN_DIR is a local path or an fsspec URL (s3://bucket/run). Exit codes of ls and verify:
-0 all good, 1 something failed verification, 2 bad usage or nothing to look at. Those
-of torture: see ``hardtrain torture --help`` (``hardtrain.torture``).
+0 all good, 1 something failed verification, 2 bad usage or nothing to look at. metadata
+without RUN_DIR prints this environment's run metadata as JSON; with one, what differs
+from its newest verified checkpoint's run.json: 0 nothing that breaks bit-exactness, 1
+something that does, 2 bad usage or no run.json. Those of torture: see
+``hardtrain torture --help`` (``hardtrain.torture``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import fsspec
 
 from hardtrain import torture
 from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
-from hardtrain.errors import CHECKPOINT_RUNBOOK
+from hardtrain.errors import CHECKPOINT_RUNBOOK, ENVIRONMENT_RUNBOOK, CheckpointError
+from hardtrain.metadata import METADATA_FILE, capture_metadata, metadata_changes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify = commands.add_parser("verify", help="check sizes and checksums of checkpoints")
     verify.add_argument("run_dir")
     verify.add_argument("--step", type=int, help="one step (default: every committed one)")
+    metadata = commands.add_parser(
+        "metadata", help="this environment's run metadata, or its differences from a run's")
+    metadata.add_argument("run_dir", nargs="?", help="compare with this run's checkpoint")
+    metadata.add_argument("--step", type=int, help="that checkpoint (default: the newest "
+                          "verified one)")
+    metadata.add_argument("--json", action="store_true", help="print the differences as JSON")
     _add_torture(commands)
     # Everything after the first "--" is torture's command, split off here: argparse's
     # REMAINDER would take the command's own options for ours.
@@ -50,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ls":
             return _ls(args.run_dir, verify=not args.no_verify)
+        if args.command == "metadata":
+            return _metadata(args.run_dir, args.step, as_json=args.json)
         return _verify(args.run_dir, args.step)
     except _UsageError as e:
         print(f"hardtrain: {e}", file=sys.stderr)
@@ -181,6 +197,56 @@ def _verify(run_dir: str, step: int | None) -> int:
         return 1
     print(f"all {len(steps)} checkpoint(s) verified")
     return 0
+
+
+def _metadata(run_dir: str | None, step: int | None, *, as_json: bool) -> int:
+    if run_dir is None:
+        now = capture_metadata()
+        now["git"].pop("diff", None)  # diff_bytes and diff_sha256 stay; the diff is long
+        print(json.dumps(now, indent=1, sort_keys=True))
+        return 0
+    store, _ = _open(run_dir)
+    if step is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            latest = store.latest()
+        if latest is None:
+            raise _UsageError(f"{run_dir}: no verified checkpoint")
+        step = latest.step
+    try:
+        saved = json.loads(store.read_file(step, METADATA_FILE))
+    except CheckpointError as e:  # not committed, or damaged
+        raise _UsageError(str(e)) from None
+    except FileNotFoundError as e:
+        raise _UsageError(f"{e}: written with metadata=None or by an older hardtrain") from None
+    root = (saved.get("git") or {}).get("root")
+    now = capture_metadata(repo=root if isinstance(root, str) and os.path.isdir(root) else None)
+    # The job sets these itself (fit compares them on resume); this one process cannot know
+    # them, nor the ranks' devices and the world size.
+    for key in ("config", "determinism", "world"):
+        now[key] = saved.get(key)
+    changes = metadata_changes(saved, now)
+    breaking = [c for c in changes if c.breaks_exactness]
+    if as_json:
+        print(json.dumps([c.as_json() for c in changes], indent=1))
+    else:
+        print(f"step {step} of {run_dir} against this environment:")
+        _print_changes("breaks bit-exactness", breaking)
+        _print_changes("other differences", [c for c in changes if not c.breaks_exactness])
+        if not changes:
+            print("  no differences")
+        print("not compared: config, seed, determinism flags, world size and the ranks' "
+              "devices (the job sets them; fit compares them when it resumes)")
+        if breaking:
+            print(f"a resume here may not match the run bit for bit; see {ENVIRONMENT_RUNBOOK}")
+    return 1 if breaking else 0
+
+
+def _print_changes(title: str, changes: Sequence[Any]) -> None:
+    if changes:
+        print(f"{title}:")
+        for change in changes:
+            print(f"  {change}")
 
 
 def _human(num_bytes: int) -> str:

@@ -7,23 +7,30 @@
         │                                            one, failed verification
         ├── NoCheckpointError (also FileNotFoundError) nothing committed (for that step)
         └── CheckpointMismatchError (also ValueError) the checkpoint does not fit what loads it
+            └── EnvironmentChangedError               versions, hardware, flags, code or config
+                                                      changed since the checkpoint (refused by
+                                                      MetadataPolicy(on_change="refuse"))
     └── NonFiniteLossError (also FloatingPointError)  bad steps persisted through rollbacks
 
     Preempted (a SystemExit, deliberately not an Exception)   fit stopped on a signal
 
 
 Every message says what happened, with the values, what to do next, and names the runbook
-(``runbook`` attribute) for the person on call.
+(``runbook`` attribute) for the person on call. Messages are redacted like everything
+hardtrain writes: a credential in a path or URL never reaches a log through them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from hardtrain._redact import known_secrets, redact_text
+
 CHECKPOINT_RUNBOOK = "runbooks/checkpoint-corruption.md"
 RESUME_MISMATCH_RUNBOOK = "runbooks/resume-mismatch.md"
 PREEMPTION_RUNBOOK = "runbooks/preemption.md"
 NAN_RUNBOOK = "runbooks/nan-during-training.md"
+ENVIRONMENT_RUNBOOK = "runbooks/environment-changed.md"
 
 
 class HardtrainError(Exception):
@@ -34,7 +41,7 @@ class HardtrainError(Exception):
     def __init__(self, message: str) -> None:
         if self.runbook and self.runbook not in message:
             message = f"{message} See {self.runbook}"
-        super().__init__(message)
+        super().__init__(redact_text(message, known_secrets()))
 
 
 class CheckpointError(HardtrainError):
@@ -66,6 +73,19 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     different model, optimizer, world size, ...). Raised before anything is loaded."""
 
     runbook = RESUME_MISMATCH_RUNBOOK
+
+
+class EnvironmentChangedError(CheckpointMismatchError):
+    """Something that breaks bit-exactness (torch or CUDA version, world size, GPU model,
+    determinism flags, NCCL_ALGO, the code, the config) differs from the checkpoint's
+    ``run.json``, and ``MetadataPolicy(on_change="refuse")`` asked not to resume then.
+    Raised before anything is loaded. ``changes``: the ``MetadataChange`` list."""
+
+    runbook = ENVIRONMENT_RUNBOOK
+
+    def __init__(self, message: str, changes: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.changes = list(changes or [])
 
 
 class NonFiniteLossError(HardtrainError, FloatingPointError):

@@ -3,6 +3,7 @@
 An event is named in the past tense (``checkpoint_saved``, ``checkpoint_rejected``) and
 carries its figures as fields. Every event also goes to the ``hardtrain`` logger as one
 ``key=value`` line with the rank, and the newest are kept in ``EventLog.records``.
+Fields are redacted first (``hardtrain._redact``): no secret reaches the file or the log.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from hardtrain._dist import rank_and_world_size
+from hardtrain._redact import redact
 
 logger = logging.getLogger(__name__)
 _MAX_RECORDS = 10_000  # the newest events kept in memory; the file keeps them all
@@ -42,6 +44,7 @@ class EventLog:
 
     def record(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
         rank = rank_and_world_size()[0]
+        fields = redact(fields)  # a credential in a path or an error never reaches the file
         entry = {"time": time.time(), "event": event, "rank": rank, **fields}
         line = json.dumps(entry, default=str)
         with self._lock:

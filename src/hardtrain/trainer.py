@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from typing import Any, NoReturn
 import torch
 
 from hardtrain import _dist
+from hardtrain._redact import redact_text
 from hardtrain._resume_checks import (
     class_name,
     device_differences,
@@ -27,12 +29,23 @@ from hardtrain.checkpoint._policy import CheckpointPolicy
 from hardtrain.data import DataCursor, generators_of
 from hardtrain.determinism import seed_everything, set_deterministic
 from hardtrain.errors import (
+    ENVIRONMENT_RUNBOOK,
     CheckpointMismatchError,
     CheckpointWriteError,
+    EnvironmentChangedError,
     NoCheckpointError,
     NonFiniteLossError,
     Preempted,
 )
+from hardtrain.metadata import (
+    METADATA_FILE,
+    EnvironmentChangedWarning,
+    MetadataChange,
+    MetadataPolicy,
+    metadata_changes,
+    metadata_files,
+)
+from hardtrain.metadata import capture as capture_metadata
 from hardtrain.numerics import NanPolicy, NanWatch, StepHealth
 from hardtrain.preemption import (
     PreemptionGuard,
@@ -50,6 +63,7 @@ StepFn = Callable[[Any], Any]
 _DEFAULT_CHECKPOINT = CheckpointPolicy()
 _DEFAULT_PREEMPTION = PreemptionPolicy()
 _DEFAULT_NAN = NanPolicy()
+_DEFAULT_METADATA = MetadataPolicy()
 _MAX_BATCH_LOG = 1_000_000  # (step, batch id) pairs kept for a rollback's skip list
 _EXIT_SHARE = 0.1  # of the preemption deadline, left for the process to exit
 _NO_CONTEXT = contextlib.nullcontext()
@@ -82,7 +96,9 @@ class HardenedTrainer:
 
         open the run: checkpoint store, metrics.jsonl, events.jsonl
         install the preemption signal handlers (they only set a flag)
-        resume from the newest verified checkpoint (or seed a fresh start)
+        capture the run's metadata (git, config, versions, hardware; secrets redacted)
+        resume from the newest verified checkpoint (or seed a fresh start), warning
+            (or refusing) if what breaks bit-exactness changed since it was written
         while step < max_steps:
             batch = next batch (a new epoch when the data runs out; skip-listed ones dropped)
             loss = step_fn(batch); backward; clip (or measure the gradient norm)
@@ -93,7 +109,7 @@ class HardenedTrainer:
             else: optimizer step; scheduler step; step += 1; one line in metrics.jsonl
             if stop: finish or abandon the save in flight, save this step if it fits
                      before the deadline, raise ht.Preempted (exit 128 + signal)
-            if checkpoint due: save (async: copy, then write in background)
+            if checkpoint due: save, with run.json (async: copy, then write in background)
         final checkpoint at max_steps; close; restore the signal handlers
 
     model: an ``nn.Module`` (DDP and ``torch.compile`` wrappers are saved unwrapped).
@@ -107,9 +123,12 @@ class HardenedTrainer:
     preemption: what a preemption signal does (``PreemptionPolicy``); None keeps the
         signals' default actions (SIGTERM kills the process at once).
     nan: what a non-finite or spiking step does (``NanPolicy``); None trains through it.
+    metadata: run metadata in every checkpoint and the check on resume
+        (``MetadataPolicy``); None for neither.
     seed: seeds every generator at a fresh start (``seed_everything``); None leaves them.
     deterministic: deterministic kernels (``set_deterministic``), on every start.
-    config: the run's configuration, kept with the run (``trainer.config``).
+    config: the run's configuration (dict, dataclass, argparse Namespace, ...): recorded
+        in every checkpoint's ``run.json``, secrets redacted, and compared on resume.
     log_dir: where ``metrics.jsonl`` and ``events.jsonl`` are written; by default
         ``run_dir`` when it is local, else ``./hardtrain-logs/<run_dir as a name>``, copied
         up to ``run_dir`` after every checkpoint.
@@ -133,6 +152,7 @@ class HardenedTrainer:
         checkpoint: CheckpointPolicy | None = _DEFAULT_CHECKPOINT,
         preemption: PreemptionPolicy | None = _DEFAULT_PREEMPTION,
         nan: NanPolicy | None = _DEFAULT_NAN,
+        metadata: MetadataPolicy | None = _DEFAULT_METADATA,
         seed: int | None = None,
         deterministic: bool = False,
         config: Any = None,
@@ -170,6 +190,9 @@ class HardenedTrainer:
         if nan is not None and not isinstance(nan, NanPolicy):
             raise TypeError(f"nan={nan!r}: expected ht.NanPolicy or None")
         self.nan = nan
+        if metadata is not None and not isinstance(metadata, MetadataPolicy):
+            raise TypeError(f"metadata={metadata!r}: expected ht.MetadataPolicy or None")
+        self.metadata = metadata
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32
         ):
@@ -330,10 +353,17 @@ class HardenedTrainer:
         """Load the newest verified checkpoint into the user's objects, or start fresh."""
         if self.deterministic:
             set_deterministic()
+        now = None
+        if self.metadata is not None:  # after set_deterministic: it records those flags
+            now = capture_metadata(self.config, seed=self.seed, repo=self.metadata.repo,
+                                   nvml=None, group=run.group)
+            run.metadata_files = metadata_files(now) if run.rank == 0 else {}
         loaded = None
         if run.store is not None:
             with contextlib.suppress(NoCheckpointError):
                 loaded = run.store.load()
+        if loaded is not None and now is not None:
+            self._check_environment(run, loaded.step, loaded.path, now)
         if loaded is None:
             if self.seed is not None and self.step == 0:  # not again on a second fit()
                 seed_everything(self.seed)
@@ -345,11 +375,55 @@ class HardenedTrainer:
         run.last_checkpoint = CheckpointInfo(loaded.step, loaded.path, True)
         run.saved_step = loaded.step
         logger.info("rank=%d resumed from %s (step %d, epoch %d, batch %d of the epoch)",
-                    run.rank, loaded.path, self.step, self._cursor.epoch,
+                    run.rank, redact_text(loaded.path), self.step, self._cursor.epoch,
                     self._cursor.batches_in_epoch)
         run.events.record("resumed", from_step=loaded.step, path=loaded.path,
                           epoch=self._cursor.epoch)
         return loaded.step
+
+    def _check_environment(self, run: Run, step: int, path: str, now: dict[str, Any]) -> None:
+        """Collective when distributed. Compare this run's metadata with the checkpoint's
+        run.json (rank 0 reads and compares for all); a change that breaks bit-exactness
+        warns, or raises under ``on_change="refuse"``, before anything is loaded."""
+        assert self.metadata is not None and run.store is not None
+        found: list[dict[str, Any]] | None = None
+        if run.rank == 0:
+            try:
+                saved = json.loads(run.store.read_file(step, METADATA_FILE))
+                found = [c.as_json() for c in metadata_changes(saved, now)]
+            except FileNotFoundError:
+                found = None  # written without metadata: nothing to compare with
+        if run.group is not None:
+            found = _dist.all_gather_json(found, run.group)[0]
+        if found is None:
+            run.events.record("metadata_missing", step=step, path=path,
+                              note=f"the checkpoint has no {METADATA_FILE}; nothing compared")
+            return
+        changes = [MetadataChange(**c) for c in found]
+        breaking = [c for c in changes if c.breaks_exactness]
+        if changes and run.rank == 0:
+            run.events.record(
+                "environment_changed", level=logging.WARNING if breaking else logging.INFO,
+                step=step, path=path, on_change=self.metadata.on_change,
+                changes=[c.as_json() for c in breaking],
+                other_changes=[c.as_json() for c in changes if not c.breaks_exactness],
+            )
+        if not breaking:
+            return
+        message = (f"{path} was written with another environment: "
+                   + "; ".join(map(str, breaking)) + ".")
+        if self.metadata.on_change == "refuse":
+            raise EnvironmentChangedError(
+                f"{message} Resuming could not reproduce an uninterrupted run bit for bit, and "
+                "MetadataPolicy(on_change='refuse') asked not to: nothing was loaded into the "
+                "model, optimizer or data, and the checkpoints are untouched. Restore "
+                "that environment, or pass MetadataPolicy(on_change='warn') to resume anyway.",
+                breaking)
+        warning = (f"{message} The resumed run may differ from an uninterrupted one; "
+                   f"`hardtrain metadata {self.run_dir}` shows every difference. See "
+                   f"{ENVIRONMENT_RUNBOOK}")
+        if run.rank == 0:
+            warnings.warn(warning, EnvironmentChangedWarning, stacklevel=4)
 
     def _checkpoint_due(self, run: Run, step: int, final: bool) -> bool:
         """This rank's view: is a checkpoint due once ``step`` is done? (Local.)"""
@@ -453,10 +527,10 @@ class HardenedTrainer:
         run.collect_finished_save(block=True)  # its result, before save_async waits it away
         run.capture_s = time.perf_counter() - started
         if self.checkpoint.async_save and not sync:
-            run.store.save_async(self.step, tensors, state)
+            run.store.save_async(self.step, tensors, state, files=run.metadata_files)
             run.saving = True
         else:
-            run.committed(run.store.save(self.step, tensors, state))
+            run.committed(run.store.save(self.step, tensors, state, files=run.metadata_files))
         run.saved_step = self.step
 
     def _stop(self, run: Run, signum: int) -> NoReturn:
@@ -503,8 +577,8 @@ class HardenedTrainer:
         where = ("this step is checkpointed" if saved else
                  f"the newest checkpoint is {last.path}" if last is not None else
                  "there is no checkpoint")
-        message = (f"stopped at step {self.step} on {signal_name(signum)}; {where}. Exit code "
-                   f"{code}: start the same command again to continue.")
+        message = redact_text(f"stopped at step {self.step} on {signal_name(signum)}; {where}. "
+                              f"Exit code {code}: start the same command again to continue.")
         logger.warning("rank=%d %s", run.rank, message)
         raise Preempted(code, message, step=self.step, signal=signal_name(signum),
                         checkpoint=last, saved=saved)
@@ -582,7 +656,7 @@ class HardenedTrainer:
         warning = self._cursor.restore(unflatten(saved["data"], tensors))
         if warning is not None:
             warnings.warn(warning, stacklevel=4)
-            logger.warning("rank=%d %s", _dist.rank_and_world_size()[0], warning)
+            logger.warning("rank=%d %s", _dist.rank_and_world_size()[0], redact_text(warning))
         self._restore_rng(unflatten(saved["rng"], tensors))  # last: the data moved them
 
     def _capture_rng(self) -> dict[str, Any]:

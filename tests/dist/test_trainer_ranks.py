@@ -78,6 +78,21 @@ def test_every_rank_equals_the_uninterrupted_run(runs: dict[str, Path]) -> None:
     assert_same_run(runs["straight"], runs["killed"], ranks=2)  # rank 0's metrics; all state
 
 
+def test_run_json_names_every_rank_and_a_restart_changes_nothing(
+    runs: dict[str, Path]
+) -> None:
+    store = ht.CheckpointStore(runs["killed"])
+    meta = json.loads(store.read_file(14, "run.json"))  # rank 0 wrote it, for every rank
+    assert meta["world"]["world_size"] == 2
+    assert [r["rank"] for r in meta["world"]["ranks"]] == [0, 1]
+    assert [r["local_rank"] for r in meta["world"]["ranks"]] == [0, 1]
+    assert all(r["host"] == meta["host"]["hostname"] for r in meta["world"]["ranks"])
+    # torchrun's new port and run id at the restart are not changes that break exactness
+    events = [json.loads(line) for line in (runs["killed"] / "events.jsonl").open()]
+    assert [e for e in events if e["event"] == "environment_changed"] == []
+    assert sorted(e["rank"] for e in events if e["event"] == "resumed") == [0, 1]
+
+
 def test_resuming_with_another_world_size_is_an_error(runs: dict[str, Path]) -> None:
     before = sorted(p.name for p in (runs["killed"] / "checkpoints").iterdir())
     alone = subprocess.run(

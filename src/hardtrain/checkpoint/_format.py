@@ -4,6 +4,8 @@
         rank-00000.safetensors    rank 0's tensors (safetensors format)
         rank-00000.json           rank 0's JSON state
         ...                       one pair per rank
+        run.json                  the run's metadata (HardenedTrainer; rank 0)
+        git-diff.patch            uncommitted changes, when there are any (rank 0)
         MANIFEST.json             written last: every file, its size and XXH3-128 checksum
 
 Each file's entry holds its size, the XXH3-128 of the whole file (what ``xxh128sum``
@@ -13,7 +15,8 @@ verifies on every core at once. XXH3 detects truncation, bit rot and torn writes
 manifest.
 
 Only two file types are ever read: ``.safetensors`` (parsed here, never through pickle)
-and ``.json``. A manifest naming anything else is refused.
+and ``.json``; ``.patch`` and ``.txt`` files are kept and verified as text, never parsed.
+A manifest naming anything else is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ FORMAT_VERSION = 1
 CHECKSUM = "xxh3_128"
 CHUNK_BYTES = 4 << 20
 LOADABLE_SUFFIXES = (".safetensors", ".json")
+TEXT_SUFFIXES = (".patch", ".txt")  # kept and verified, never parsed (e.g. git-diff.patch)
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 TMP_MARKER = ".tmp-"
 
@@ -221,9 +225,10 @@ def decode_manifest(data: bytes, expected_step: int) -> Manifest:
     for name in files:
         if not _SAFE_NAME.match(name) or ".." in name:
             raise ManifestError(f"names {name!r}, which is not a plain file name")
-        if not name.endswith(LOADABLE_SUFFIXES):
+        if not name.endswith(LOADABLE_SUFFIXES + TEXT_SUFFIXES):
             raise ManifestError(
-                f"names {name!r}; hardtrain loads only .safetensors and .json, never pickle"
+                f"names {name!r}; hardtrain loads only .safetensors and .json (and keeps "
+                ".patch and .txt as text), never pickle"
             )
     if chunk_bytes < 1:
         raise ManifestError(f"chunk_bytes={chunk_bytes} is not a size")
@@ -325,6 +330,21 @@ def encode_state(state: Mapping[str, Any]) -> bytes:
             )
     check(dict(state), "state")
     return json.dumps(state, sort_keys=True).encode()
+
+
+def check_extra_files(files: Mapping[str, bytes]) -> None:
+    """Extra files a rank adds to its checkpoint folder: plain names with a suffix the
+    manifest accepts, never a rank file or the manifest itself."""
+    for name, data in files.items():
+        if (not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name
+                or name.startswith("rank-") or name == MANIFEST or is_tmp_name(name)
+                or not name.endswith(LOADABLE_SUFFIXES + TEXT_SUFFIXES)):
+            raise ValueError(
+                f"files: {name!r} is not a name a checkpoint can hold; use a plain file name "
+                "ending in .json, .patch or .txt, not starting with 'rank-'"
+            )
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"files[{name!r}]={type(data).__name__}: expected bytes")
 
 
 def check_step(step: Any) -> None:

@@ -23,10 +23,12 @@ from hardtrain.checkpoint._format import (
     FileEntry,
     Manifest,
     ManifestError,
+    check_extra_files,
     check_step,
     check_tensors,
     compare_digests,
     decode_manifest,
+    digest_of,
     encode_manifest,
     encode_state,
     is_tmp_name,
@@ -84,6 +86,7 @@ class _Job:
     staged: StagedTensors
     state_json: bytes
     blocking_s: float
+    files: Mapping[str, bytes] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -137,22 +140,36 @@ class CheckpointStore:
     # ----------------------------------------------------------------------------- save
 
     def save(
-        self, step: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any] | None = None
+        self,
+        step: int,
+        tensors: Mapping[str, torch.Tensor],
+        state: Mapping[str, Any] | None = None,
+        *,
+        files: Mapping[str, bytes] | None = None,
     ) -> CheckpointInfo:
         """Write and commit a checkpoint; return once it is durable.
 
         Collective when distributed. CPU tensors are written straight from their memory;
         GPU tensors and tensors sharing memory (tied weights) go through the staging
         buffer. Tied tensors load back as separate tensors with equal values.
+
+        files: more files for the folder, ``{name: bytes}`` (``run.json``, a ``.patch``),
+            written by this rank and verified like the rest; read them back with
+            ``read_file``. No two ranks may give the same name.
         """
         self.wait()
         direct = all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in
                      tensors.values()) and not _shares_storage(tensors)
-        job = self._prepare(step, tensors, state, stage=not direct)
+        job = self._prepare(step, tensors, state, files, stage=not direct)
         return self._persist(job)
 
     def save_async(
-        self, step: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any] | None = None
+        self,
+        step: int,
+        tensors: Mapping[str, torch.Tensor],
+        state: Mapping[str, Any] | None = None,
+        *,
+        files: Mapping[str, bytes] | None = None,
     ) -> None:
         """Copy ``tensors`` into reused CPU staging buffers, then write and commit in a
         background thread. Returns once the copy is done: the caller may change the tensors.
@@ -161,7 +178,7 @@ class CheckpointStore:
         on this store. Collective when distributed.
         """
         self.wait()
-        job = self._prepare(step, tensors, state, stage=True)
+        job = self._prepare(step, tensors, state, files, stage=True)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="hardtrain-checkpoint")
         self._inflight = self._executor.submit(self._persist, job)
@@ -223,6 +240,7 @@ class CheckpointStore:
         step: int,
         tensors: Mapping[str, torch.Tensor],
         state: Mapping[str, Any] | None,
+        files: Mapping[str, bytes] | None,
         *,
         stage: bool,
     ) -> _Job:
@@ -237,6 +255,8 @@ class CheckpointStore:
         try:
             check_step(step)
             check_tensors(tensors)
+            check_extra_files(files or {})
+            files = {name: bytes(data) for name, data in (files or {}).items()}
             state_json = encode_state(state or {})
             if stage:
                 staged = self._staging.stage(tensors)
@@ -249,8 +269,12 @@ class CheckpointStore:
                 raise
             error = f"{type(e).__name__}: {e}"
         if world_size > 1:
-            votes = self._gather({"step": step if isinstance(step, int) else None, "error": error})
+            votes = self._gather({"step": step if isinstance(step, int) else None, "error": error,
+                                  "files": sorted(files or {})})
             problems = [f"rank {r}: {v['error']}" for r, v in enumerate(votes) if v["error"]]
+            names = [name for v in votes for name in v["files"]]
+            if len(set(names)) != len(names):
+                problems.append(f"several ranks give the same extra file ({sorted(names)})")
             if len({v["step"] for v in votes}) > 1:
                 steps = ", ".join(f"rank {r} step {v['step']}" for r, v in enumerate(votes))
                 problems.append(f"the ranks asked for different steps ({steps})")
@@ -259,7 +283,7 @@ class CheckpointStore:
                     f"step {step} not saved on any rank: " + "; ".join(problems)
                     + "; nothing was written and earlier checkpoints are untouched."
                 )
-        return _Job(step, staged, state_json, time.perf_counter() - started)
+        return _Job(step, staged, state_json, time.perf_counter() - started, dict(files or {}))
 
     def _clear_way(self, step: int) -> None:
         """Refuse to replace a committed checkpoint that verifies; set a damaged one aside
@@ -322,6 +346,8 @@ class CheckpointStore:
             written[state_file(rank)] = self._storage.write_bytes(
                 f"{folder}/{state_file(rank)}", job.state_json
             )
+            for name, data in job.files.items():
+                written[name] = self._storage.write_bytes(f"{folder}/{name}", data)
             report["files"] = [
                 [name, d.num_bytes, d.checksum, list(d.chunks)] for name, d in written.items()
             ]
@@ -495,6 +521,37 @@ class CheckpointStore:
                 return info
             self._reject(info.step, report.problems, report.problems[0].file)
         return None
+
+    def read_file(self, step: int, name: str) -> bytes:
+        """One file of a committed checkpoint (``run.json``, ``git-diff.patch``, ...),
+        verified against the manifest. Not collective.
+
+        NoCheckpointError: ``step`` is not committed. FileNotFoundError: the manifest does
+        not name ``name``. CheckpointCorruptError: the manifest or the file is damaged.
+        """
+        self.wait()
+        check_step(step)
+        folder = self._folder_path(step)
+        try:
+            manifest = self._read_manifest(step)
+        except FileNotFoundError:
+            raise NoCheckpointError(f"no committed checkpoint at {folder}") from None
+        except ManifestError as e:
+            raise CheckpointCorruptError(f"{folder}/{MANIFEST} {e}") from None
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise FileNotFoundError(f"{folder} holds no {name} (its manifest does not name it)")
+        data = b""
+
+        def keep(view: memoryview) -> str | None:
+            nonlocal data
+            data = bytes(view)
+            return compare_digests(digest_of(data), entry.digest, manifest.chunk_bytes)
+
+        problem = self._check_file(step, entry, manifest.chunk_bytes, keep)
+        if problem is not None:
+            raise CheckpointCorruptError(f"{folder}: {problem}")
+        return data
 
     # ----------------------------------------------------------------------------- load
 

@@ -1,0 +1,500 @@
+"""Run metadata: which code, config, machine, versions and environment a run used.
+
+``capture_metadata`` collects it as one JSON-safe dict, secrets redacted; the trainer
+writes it as ``run.json`` (and the uncommitted diff as ``git-diff.patch``) into every
+checkpoint, and on resume compares it with the checkpoint's (``metadata_changes``).
+``MetadataPolicy`` decides what a change that breaks bit-exactness does.
+
+Every part that cannot be read (no git, not a repository, no NVML) says why in the
+metadata, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import sys
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from hardtrain import _dist
+from hardtrain._redact import REDACTED, as_mapping, is_secret_name, known_secrets, redact
+from hardtrain.determinism import determinism_flags
+
+__all__ = [
+    "DIFF_FILE",
+    "METADATA_FILE",
+    "EnvironmentChangedWarning",
+    "MetadataChange",
+    "MetadataPolicy",
+    "capture_metadata",
+    "metadata_changes",
+    "metadata_files",
+]
+
+METADATA_FILE = "run.json"
+DIFF_FILE = "git-diff.patch"
+FORMAT = 1
+_MAX_UNTRACKED = 200  # untracked file names listed; the count is always there
+_MAX_DIFF_BYTES = 16 * 2**20  # larger diffs are cut, and the metadata says so
+# Environment variables that change numerics, communication or scheduling, by prefix or name.
+_ENV_PREFIXES = (
+    "NCCL_", "TORCH_", "PYTORCH_", "CUDA_", "CUBLAS_", "CUBLASLT_", "CUDNN_", "NVIDIA_",
+    "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOMP_", "GLOO_", "UCX_", "FI_", "NVTE_",
+    "SLURM_", "TORCHELASTIC_", "XLA_", "HIP_", "ROCM_", "HSA_", "MIOPEN_",
+)
+_ENV_NAMES = frozenset({
+    "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+    "MASTER_ADDR", "MASTER_PORT", "PYTHONHASHSEED", "TOKENIZERS_PARALLELISM",
+})
+# Environment variables whose change breaks bit-exactness (NCCL_* counts as a whole).
+# (CUBLAS_WORKSPACE_CONFIG is under determinism; the GPU each rank uses, under world.devices.)
+_EXACTNESS_ENV = frozenset({
+    "NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS", "MKL_CBWR", "PYTHONHASHSEED",
+})
+_EXACTNESS_NCCL = ("NCCL_ALGO", "NCCL_PROTO", "NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS",
+                   "NCCL_NTHREADS", "NCCL_BUFFSIZE", "NCCL_CROSS_NIC", "NCCL_COLLNET_ENABLE",
+                   "NCCL_NVLS_ENABLE", "NCCL_TREE_THRESHOLD", "NCCL_LL_THRESHOLD")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetadataPolicy:
+    """Run metadata in every checkpoint, and what a changed environment does on resume.
+    Pass ``metadata=None`` to the trainer for no ``run.json`` and no comparison.
+
+    on_change: "warn" (a warning, a log line and an ``environment_changed`` event naming
+        every old and new value, then the resume goes on) or "refuse" (raise
+        ``ht.EnvironmentChangedError`` before anything is loaded) when something that
+        breaks bit-exactness changed since the checkpoint: torch/CUDA/cuDNN/NCCL/Python
+        versions, world size, GPU models, determinism flags, numerics environment
+        variables (NCCL_ALGO, CUBLAS_WORKSPACE_CONFIG, OMP_NUM_THREADS, ...), the code
+        (git commit or uncommitted diff) or the config (each changed key named).
+    repo: a folder inside the git repository to describe; None: the current directory.
+    """
+
+    on_change: str = "warn"
+    repo: str | os.PathLike[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.on_change not in ("warn", "refuse"):
+            raise ValueError(f"on_change={self.on_change!r}: must be 'warn' or 'refuse'")
+        if self.repo is not None and not isinstance(self.repo, str | os.PathLike):
+            raise TypeError(f"repo={self.repo!r}: must be a path, or None for the current "
+                             "directory")
+
+
+class EnvironmentChangedWarning(UserWarning):
+    """A run resumed with something that breaks bit-exactness changed since its checkpoint
+    (``MetadataPolicy(on_change="warn")``). See runbooks/environment-changed.md."""
+
+
+@dataclass(frozen=True)
+class MetadataChange:
+    """One difference between a checkpoint's metadata and now.
+
+    field: dotted path in run.json ("versions.torch", "env.NCCL_ALGO").
+    old, new: the values (None where absent).
+    breaks_exactness: a change of this field can change the numbers a resumed run computes.
+    """
+
+    field: str
+    old: Any
+    new: Any
+    breaks_exactness: bool
+
+    def __str__(self) -> str:
+        return f"{self.field}: {_short(self.old)} -> {_short(self.new)}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"field": self.field, "old": self.old, "new": self.new,
+                "breaks_exactness": self.breaks_exactness}
+
+
+def capture_metadata(
+    config: Any = None,
+    *,
+    seed: int | None = None,
+    repo: str | os.PathLike[str] | None = None,
+    nvml: Any = None,
+) -> dict[str, Any]:
+    """Everything needed to tell later which code, config, machine and software a run
+    used, as one JSON-safe dict with every secret redacted (``hardtrain._redact``).
+
+    Collective when torch.distributed is initialised: every rank must call it (one small
+    all-gather of each rank's host); each rank gets the whole dict.
+
+    config: a dict, dataclass, argparse Namespace or pydantic model; made JSON-safe.
+    seed: the run's seed, recorded with the determinism flags.
+    repo: a folder inside the git repository; None: the current directory.
+    nvml: an object with pynvml's functions (a seam for tests); None imports pynvml.
+
+    The git diff of uncommitted changes is under ``git.diff`` (``metadata_files`` writes
+    it as its own file). Parts that cannot be read hold ``{"available": False, "reason":
+    ...}``; capturing never raises for them.
+    """
+    if not _dist.is_distributed():
+        return capture(config, seed=seed, repo=repo, nvml=nvml, group=None)
+    group = _dist.new_cpu_group()  # the default group may be NCCL, which needs GPU tensors
+    try:
+        return capture(config, seed=seed, repo=repo, nvml=nvml, group=group)
+    finally:
+        _dist.destroy_group(group)
+
+
+def capture(
+    config: Any,
+    *,
+    seed: int | None,
+    repo: str | os.PathLike[str] | None,
+    nvml: Any,
+    group: Any,
+) -> dict[str, Any]:
+    """``capture_metadata`` on a given gloo ``group`` (the trainer's own)."""
+    known = known_secrets()
+    if config is not None:  # values under secret-looking config keys are searched for too
+        known |= _secret_values(config)
+    rank, world_size = _dist.rank_and_world_size()
+    me = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+          "local_rank": _int_or_none(os.environ.get("LOCAL_RANK")), "device": _device()}
+    ranks = _dist.all_gather_json(me, group) if world_size > 1 else [me]
+    process = psutil.Process()
+    metadata = {
+        "format": FORMAT,
+        "captured_at": _iso(time.time()),
+        "process_started_at": _iso(process.create_time()),
+        "command": {"argv": _redact_argv(sys.argv), "executable": sys.executable,
+                    "cwd": os.getcwd()},
+        "host": {"hostname": socket.gethostname(), "platform": platform.platform()},
+        "world": {"world_size": world_size, "ranks": ranks},
+        "git": _git(repo),
+        "config": config,
+        "versions": _versions(),
+        "packages": _packages(),
+        "hardware": {"cpu": _cpu(), "memory_bytes": psutil.virtual_memory().total,
+                     "gpus": _gpus(nvml)},
+        "determinism": {"seed": seed, **determinism_flags(),
+                        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                        "float32_matmul_precision": torch.get_float32_matmul_precision()},
+        "env": {k: (REDACTED if is_secret_name(k) else v) for k, v in sorted(os.environ.items())
+                if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES},
+    }
+    redacted: dict[str, Any] = redact(metadata, known)
+    return redacted
+
+
+def metadata_files(metadata: Mapping[str, Any]) -> dict[str, bytes]:
+    """The files that hold ``metadata`` in a checkpoint: ``run.json``, and
+    ``git-diff.patch`` when there are uncommitted changes (``git apply`` takes it)."""
+    body = json.loads(json.dumps(metadata))  # a deep copy
+    files = {}
+    git = body.get("git") or {}
+    diff = git.pop("diff", None)
+    if diff:
+        files[DIFF_FILE] = diff.encode()
+        git["diff_file"] = DIFF_FILE
+    files[METADATA_FILE] = (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+    return files
+
+
+def metadata_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[MetadataChange]:
+    """What differs between two captures (``old`` from a checkpoint, ``new`` from now):
+    every field that differs, those that break bit-exactness first. Times, process ids,
+    host names and GPU serial numbers are expected to differ and are left out."""
+    changes = []
+    flat_old, flat_new = _exactness_view(old), _exactness_view(new)
+    for key in sorted(flat_old.keys() | flat_new.keys()):
+        if not _same(flat_old.get(key), flat_new.get(key)):
+            changes.append(MetadataChange(key, flat_old.get(key), flat_new.get(key), True))
+    informational = {
+        "determinism.seed": (_get(old, "determinism.seed"), _get(new, "determinism.seed")),
+        "git.branch": (_get(old, "git.branch"), _get(new, "git.branch")),
+        "git.remote": (_get(old, "git.remote"), _get(new, "git.remote")),
+        "hardware.gpus.driver": (_get(old, "hardware.gpus.driver"),
+                                 _get(new, "hardware.gpus.driver")),
+        "hardware.memory_bytes": (_get(old, "hardware.memory_bytes"),
+                                  _get(new, "hardware.memory_bytes")),
+        "world.hosts": (_hosts(old), _hosts(new)),
+    }
+    for name in sorted(set(old.get("packages") or {}) | set(new.get("packages") or {})):
+        informational[f"packages.{name}"] = ((old.get("packages") or {}).get(name),
+                                             (new.get("packages") or {}).get(name))
+    for key, (before, after) in informational.items():
+        if not _same(before, after) and key not in flat_old and key not in flat_new:
+            changes.append(MetadataChange(key, before, after, False))
+    return changes
+
+
+# ------------------------------------------------------------------------------- parts
+
+
+def _exactness_view(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields whose change can change the numbers, flattened to dotted names."""
+    gpus = _get(metadata, "hardware.gpus.devices") or []
+    view: dict[str, Any] = {
+        "versions." + k: v for k, v in (metadata.get("versions") or {}).items()
+        if k in ("torch", "cuda", "cudnn", "nccl", "hip", "python", "numpy", "hardtrain")
+    }
+    view["world.world_size"] = _get(metadata, "world.world_size")
+    view["hardware.gpus.models"] = sorted(str(g.get("name")) for g in gpus)
+    view["world.devices"] = [r.get("device") for r in _get(metadata, "world.ranks") or []]
+    if not gpus:  # CPU training: the CPU's kernels (AVX-512 or not) decide the numbers
+        view["hardware.cpu.model"] = _get(metadata, "hardware.cpu.model")
+    view.update({"determinism." + k: v for k, v in (metadata.get("determinism") or {}).items()
+                 if k != "seed"})  # the seed only acts at a fresh start
+    env = metadata.get("env") or {}
+    for name in sorted(_EXACTNESS_ENV | set(_EXACTNESS_NCCL)):
+        view["env." + name] = env.get(name)
+    view["git.commit"] = _get(metadata, "git.commit")
+    view["git.diff_sha256"] = _get(metadata, "git.diff_sha256")
+    config = metadata.get("config")
+    view.update(_flatten(config, "config") if isinstance(config, dict) and config else
+                {"config": config})
+    return view
+
+
+def _flatten(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"config.a.b": 1}``: each changed key is named alone."""
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}.{key}"))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
+
+
+def _git(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
+    where = os.path.abspath(os.fspath(repo)) if repo is not None else os.getcwd()
+    try:
+        import git  # GitPython: raises ImportError when there is no git executable
+    except ImportError as e:
+        return {"available": False, "reason": f"git is not usable ({str(e).splitlines()[0]})"}
+    try:
+        repository = git.Repo(where, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return {"available": False, "reason": f"{where} is not inside a git repository"}
+    except Exception as e:
+        return {"available": False, "reason": f"{type(e).__name__}: {e}"}
+    with repository:
+        info: dict[str, Any] = {"available": True, "root": repository.working_tree_dir}
+        try:
+            head = repository.head
+            info["commit"] = head.commit.hexsha if head.is_valid() else None
+            info["detached"] = head.is_detached
+            info["branch"] = None if head.is_detached else repository.active_branch.name
+            info["remote"] = _remote(repository)
+            untracked = repository.untracked_files
+            info["dirty"] = repository.is_dirty(untracked_files=True)
+            info["num_untracked"] = len(untracked)
+            info["untracked"] = untracked[:_MAX_UNTRACKED]
+            # staged and unstaged changes to tracked files, against the commit
+            diff = repository.git.diff("HEAD" if info["commit"] else "--cached", "--binary")
+        except Exception as e:  # a damaged repository, "dubious ownership", ...
+            info.update(available=False, reason=f"{type(e).__name__}: {e}")
+            return info
+    if diff:
+        diff += "\n"
+    raw = diff.encode()
+    info["diff_bytes"] = len(raw)
+    info["diff_sha256"] = hashlib.sha256(raw).hexdigest() if raw else None
+    if len(raw) > _MAX_DIFF_BYTES:
+        info["diff_truncated"] = True
+        diff = raw[:_MAX_DIFF_BYTES].decode("utf-8", "ignore")
+    info["diff"] = diff
+    return info
+
+
+def _remote(repository: Any) -> str | None:
+    """The origin's (or the first remote's) URL, with any user name and password removed."""
+    remotes = list(repository.remotes)
+    if not remotes:
+        return None
+    remote = next((r for r in remotes if r.name == "origin"), remotes[0])
+    url = str(next(iter(remote.urls), ""))
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme and "@" in parts.netloc:  # scheme://user:password@host/...
+        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url
+
+
+def _versions() -> dict[str, Any]:
+    from hardtrain import __version__
+
+    nccl = None
+    with contextlib.suppress(Exception):  # not built with NCCL (CPU builds)
+        version = torch.cuda.nccl.version()  # type: ignore[no-untyped-call]
+        nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    cudnn = None
+    with contextlib.suppress(Exception):
+        available = torch.backends.cudnn.is_available()  # type: ignore[no-untyped-call]
+        cudnn = torch.backends.cudnn.version() if available else None  # type: ignore[no-untyped-call]
+    return {
+        "hardtrain": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "hip": getattr(torch.version, "hip", None),
+        "cudnn": cudnn,
+        "nccl": nccl,
+        "numpy": _distribution_version("numpy"),
+    }
+
+
+def _packages() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for distribution in importlib.metadata.distributions():
+        name = distribution.metadata["Name"]
+        if name and name not in found:  # the first on sys.path is the one imported
+            found[name] = distribution.version
+    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu() -> dict[str, Any]:
+    model = platform.processor() or None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"model": model, "arch": platform.machine(),
+            "physical_cores": psutil.cpu_count(logical=False),
+            "logical_cores": psutil.cpu_count(logical=True)}
+
+
+def _gpus(nvml: Any) -> dict[str, Any]:
+    """GPU names, UUIDs, driver, VBIOS and ECC mode from NVML; unavailable says why."""
+    if nvml is None:
+        try:
+            import pynvml
+
+            nvml = pynvml
+        except ImportError as e:
+            return {"available": False, "reason": f"pynvml is not installed ({e})"}
+    try:
+        nvml.nvmlInit()
+    except Exception as e:
+        return {"available": False, "reason": f"NVML: {type(e).__name__}: {e}"}
+    try:
+        devices = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            devices.append({
+                "index": index,
+                "name": _text(nvml.nvmlDeviceGetName(handle)),
+                "uuid": _text(nvml.nvmlDeviceGetUUID(handle)),
+                "vbios": _nvml_or_reason(lambda h=handle: _text(
+                    nvml.nvmlDeviceGetVbiosVersion(h))),
+                "ecc_mode": _nvml_or_reason(lambda h=handle: "enabled" if
+                                            nvml.nvmlDeviceGetEccMode(h)[0] else "disabled"),
+                "memory_bytes": _nvml_or_reason(lambda h=handle: int(
+                    nvml.nvmlDeviceGetMemoryInfo(h).total)),
+            })
+        return {"available": True, "driver": _text(nvml.nvmlSystemGetDriverVersion()),
+                "devices": devices}
+    except Exception as e:
+        return {"available": False, "reason": f"NVML: {type(e).__name__}: {e}"}
+    finally:
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()
+
+
+def _nvml_or_reason(read: Any) -> Any:
+    try:
+        return read()
+    except Exception as e:  # NotSupported on consumer GPUs (ECC), ...
+        return f"unavailable: {type(e).__name__}"
+
+
+def _device() -> str | None:
+    """This process's current CUDA device, if CUDA is in use (never initialises it)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):  # type: ignore[no-untyped-call]
+        return None
+    index = torch.cuda.current_device()
+    return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+
+
+def _redact_argv(argv: list[str]) -> list[str]:
+    """The command line, with the value after a secret-looking flag (``--token X``) cut."""
+    out = []
+    for i, arg in enumerate(argv):
+        previous = argv[i - 1] if i else ""
+        flag = previous.startswith("-") and "=" not in previous and is_secret_name(previous)
+        out.append(REDACTED if flag and not arg.startswith("-") else arg)
+    return out
+
+
+def _secret_values(config: Any) -> set[str]:
+    """String values under secret-looking keys of ``config``, to cut wherever they occur
+    (a config file's diff, the command line)."""
+    values: set[str] = set()
+
+    def collect(node: Any, secret: bool) -> None:
+        items = as_mapping(node)
+        if items is not None:
+            for key, value in items.items():
+                collect(value, secret or is_secret_name(str(key)))
+        elif isinstance(node, list | tuple | set | frozenset):
+            for value in node:
+                collect(value, secret)
+        elif secret and isinstance(node, str) and len(node) >= 4:
+            values.add(node)
+
+    collect(config, False)
+    return values
+
+
+def _get(metadata: Mapping[str, Any], path: str) -> Any:
+    node: Any = metadata
+    for part in path.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _hosts(metadata: Mapping[str, Any]) -> list[str]:
+    return sorted({str(r.get("host")) for r in _get(metadata, "world.ranks") or []})
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON (so that nan equals nan, as it does in the file)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
+
