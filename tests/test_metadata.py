@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import hardtrain as ht
+import hardtrain.metadata as metadata_module
 from hardtrain._redact import REDACTED, is_secret_name, redact, redact_text
 from hardtrain.metadata import DIFF_FILE, METADATA_FILE, metadata_changes, metadata_files
 
@@ -68,6 +70,27 @@ def test_git_state_of_a_dirty_tree(repo: Path) -> None:
     git(repo, "stash", "-q")
     (repo / "x.patch").write_bytes(files[DIFF_FILE])
     git(repo, "apply", "--check", "x.patch")
+
+
+def test_a_file_that_is_not_utf8_comes_back_byte_for_byte(repo: Path) -> None:
+    (repo / "latin1.py").write_bytes(b'name = "caf\xe9"\n')
+    git(repo, "add", "latin1.py")
+    git(repo, "commit", "-q", "-m", "latin-1")
+    (repo / "latin1.py").write_bytes(b'name = "caf\xe9 cr\xe8me"\n')
+    meta = ht.capture_metadata(repo=repo)
+    patch = metadata_files(meta)[DIFF_FILE]
+    raw = subprocess.run(["git", "-C", str(repo), "diff", "HEAD", "--binary"], check=True,
+                         capture_output=True).stdout
+    assert patch == raw
+    assert meta["git"]["diff_sha256"] == hashlib.sha256(raw).hexdigest()
+    json.dumps(meta)
+
+
+def test_a_huge_diff_is_cut_and_says_so(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metadata_module, "_MAX_DIFF_BYTES", 100)
+    g = ht.capture_metadata(repo=repo)["git"]
+    assert g["diff_truncated"] is True and len(g["diff"].encode()) == 100
+    assert g["diff_bytes"] > 100
 
 
 def test_git_detached_head_and_a_clean_tree(repo: Path) -> None:
@@ -236,22 +259,31 @@ def test_secrets_never_reach_the_metadata(repo: Path, monkeypatch: pytest.Monkey
     (repo / "train.py").write_text(f"lr = 0.2\nkey = '{SECRET_ENV['MY_DB_PASSWORD']}'\n"
                                    f"s3 = 'https://bob:{CONFIG_SECRET}@minio:9000'\n")
     monkeypatch.setattr(sys, "argv", ["train.py", "--api-key", "argv-secret-1",
-                                      f"--hub-token={HF_TOKEN}", "--lr", "0.1"])
+                                      f"--hub-token={HF_TOKEN}", "--lr", "0.1",
+                                      "--db-password=correcthorsebatterystaple",
+                                      "--hub-token=abcdefghijklmnop", "--text-column", "text"])
     config = {"lr": 0.1, "wandb": {"api_key": CONFIG_SECRET, "project": "p"},
               "key_dim": 64, "max_tokens": 2048, "tokenizer": "gpt2",
+              "pad_token": "<pad>", "text_key": "text", "hub": {"token": "0123abcd4567efgh"},
               "data_url": "https://user:pa55word@data.example.com/x",
               "note": f"pushed with {GITHUB_TOKEN}"}
     meta = ht.capture_metadata(config, repo=repo)
     written = b"".join(metadata_files(meta).values())
     for secret in [*SECRET_ENV.values(), CONFIG_SECRET, "argv-secret-1", "pa55word",
-                   GITHUB_TOKEN]:
+                   GITHUB_TOKEN, "correcthorsebatterystaple", "abcdefghijklmnop",
+                   "0123abcd4567efgh"]:
         assert secret.encode() not in written, secret
     assert meta["config"]["wandb"] == {"api_key": REDACTED, "project": "p"}
-    assert (meta["config"]["key_dim"], meta["config"]["max_tokens"],
-            meta["config"]["tokenizer"]) == (64, 2048, "gpt2")
+    # weak names (token, key) keep values that do not look like credentials
+    assert (meta["config"]["key_dim"], meta["config"]["max_tokens"], meta["config"]["tokenizer"],
+            meta["config"]["pad_token"], meta["config"]["text_key"]) == (
+        64, 2048, "gpt2", "<pad>", "text")
+    assert meta["config"]["hub"] == {"token": REDACTED}
     assert meta["env"]["NCCL_IB_AUTH_TOKEN"] == REDACTED
     assert meta["command"]["argv"] == ["train.py", "--api-key", REDACTED,
-                                       f"--hub-token={REDACTED}", "--lr", "0.1"]
+                                       f"--hub-token={REDACTED}", "--lr", "0.1",
+                                       f"--db-password={REDACTED}", f"--hub-token={REDACTED}",
+                                       "--text-column", "text"]
     assert "+lr = 0.2" in meta["git"]["diff"]  # the rest of the diff is intact
 
 
@@ -278,12 +310,15 @@ def test_secret_names(name: str, secret: bool) -> None:
     "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA\n-----END RSA PRIVATE KEY-----",
     'client_secret = "s3cr3t-value"', "PASSWORD=hunter22 ./run", "--api-key=abc123def",
     "AIzaSyA-1234567890abcdefghijklmnopqrstu",
+    "redis://:passw0rd@cache:6379/0", "postgres://app:p@ss@db:5432/x",
+    "admin_password: letmeinplease",
 ])
 def test_credential_shapes_are_cut(text: str) -> None:
     out = redact_text(text)
     assert REDACTED in out
     for piece in ("abc@", "ghp_", "abcdefghijklmnop", "xoxb-1", "sk-ant", "glpat-", "eyJzdWIi",
-                  "MIIEpA", "s3cr3t", "hunter22", "abc123def", "AIzaSy"):
+                  "MIIEpA", "s3cr3t", "hunter22", "abc123def", "AIzaSy", "passw0rd", "ss@db",
+                  "letmein"):
         assert piece not in out, (text, out)
 
 
@@ -351,6 +386,23 @@ def test_a_config_that_reads_differently_in_each_process_is_not_a_change() -> No
     old, new = ht.capture_metadata(config()), ht.capture_metadata(config())
     assert old["config"]["loss"] == "<object object>"
     assert metadata_changes(json.loads(json.dumps(old)), new) == []
+
+
+def test_a_probe_that_could_not_run_is_not_a_change() -> None:
+    old = ht.capture_metadata(nvml=FakeNVML())
+    new = ht.capture_metadata(nvml=FakeNVML(init_error=OSError("driver/library mismatch")))
+    changes = metadata_changes(old, new)
+    assert sorted((c.field, c.breaks_exactness) for c in changes) == [
+        ("hardware.gpus.driver", False), ("hardware.gpus.models", False)]
+    assert changes[0].new == metadata_module.UNKNOWN
+
+
+def test_a_cyclic_config_does_not_break_the_capture() -> None:
+    config: dict[str, Any] = {"lr": 0.1}
+    config["me"] = config
+    meta = ht.capture_metadata(config)
+    assert meta["config"]["lr"] == 0.1
+    json.dumps(meta)
 
 
 def test_policy_checks_itself() -> None:

@@ -12,8 +12,10 @@ Three nets, applied together by ``redact``:
   name must clearly hold a secret and the value look like one: ``key=len`` and
   ``token_ids = tok(x)`` are code, and a diff must still apply.
 
-Numbers and booleans under secret-looking names are kept: ``key_dim=64`` is not a secret.
-Redaction errs towards removing too much; it cannot know every secret format.
+Names are strong (``password``, ``api_key``: every value cut) or weak (``token``,
+``key``: in a config only values that look like credentials are cut, so ``pad_token:
+"<pad>"`` and ``key_dim: 64`` stay). Redaction errs towards removing too much; it cannot
+know every secret format.
 """
 
 from __future__ import annotations
@@ -27,32 +29,27 @@ from typing import Any
 REDACTED = "<redacted>"
 _MIN_KNOWN_LEN = 8  # shorter env values ("1", "true") would cut holes in every text
 
-# Whole words (split at _ - . and camelCase) that mark a name as secret ...
-_SECRET_PARTS = frozenset({
-    "token", "key", "auth", "authorization", "pass", "password", "passwd", "passphrase",
-    "secret", "secrets", "credential", "credentials", "creds", "cookie", "dsn", "sas",
-    "apikey", "signature", "pat", "otp",
+# Names: strong ones always hold a secret (DB_PASSWORD, MYAPIKEY, client_secret) ...
+_STRONG = re.compile(
+    r"secret|password|passwd|passphrase|credential|creds|api[-_]?key|access[-_]?key"
+    r"|private[-_]?key|auth[-_]?token|connection[-_]?string",
+    re.IGNORECASE,
+)
+# ... weak ones (whole words, split at _ - . and camelCase) often do: HF_TOKEN, SLACK_KEY,
+# but also pad_token, sort_key. A weak name's value is cut only where it looks like a
+# secret, except in the environment and on the command line, where it always is.
+_WEAK_PARTS = frozenset({
+    "token", "key", "auth", "authorization", "pass", "cookie", "dsn", "sas",
+    "signature", "pat", "otp",
 })
-# ... and fragments that do anywhere in it (DBPASSWORD, MYAPIKEY, AZURE_..._CONNECTION_STRING)
-_SECRET_FRAGMENTS = re.compile(
-    r"secret|password|passwd|passphrase|credential|apikey|api_key|access_key|private_key"
-    r"|connection_string|client_secret",
-    re.IGNORECASE,
-)
 _SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
-# In free text, only names that clearly hold a secret ("key", "auth" alone are code words).
-_STRONG_NAME = re.compile(
-    r"secret|password|passwd|passphrase|credential|api[-_]?key|access[-_]?key|private[-_]?key"
-    r"|auth[-_]?token|connection[-_]?string",
-    re.IGNORECASE,
-)
-_STRONG_PARTS = frozenset({"token", "creds", "pat"})
+NOT_SECRET, WEAK, STRONG = 0, 1, 2
 _ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
-_BARE_SECRET = re.compile(r"(?=.*[A-Za-z])(?=.*[0-9])[A-Za-z0-9_\-+/=.~:@!#%^*&$]{8,}")
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-+/=.~:@!#%^*&$]{8,}")
 
 _SHAPES = [
-    # scheme://user:password@host -> scheme://<redacted>@host
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@'\"]+:[^/\s@'\"]+@"), rf"\1{REDACTED}@"),
+    # scheme://user:password@host, scheme://:password@host -> scheme://<redacted>@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@'\"]*:[^/\s'\"]+@"), rf"\1{REDACTED}@"),
     # https://<long token>@host (tokens used as the user name)
     (re.compile(r"(?i)\b((?:https?|ftp|git)://)[^/\s:@'\"]{20,}@"), rf"\1{REDACTED}@"),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)",
@@ -75,13 +72,28 @@ _ASSIGNMENT = re.compile(
 )
 
 
+def secrecy(name: str) -> int:
+    """How surely ``name`` (an environment variable, a config key, a flag) holds a secret:
+    STRONG (``db-password``, ``MYAPIKEY``), WEAK (``HF_TOKEN``, ``sort_key``) or
+    NOT_SECRET (``max_tokens``, ``tokenizer``, ``author``)."""
+    if _STRONG.search(name):
+        return STRONG
+    parts = {part.lower() for part in _SPLIT.split(name) if part}
+    return WEAK if parts & _WEAK_PARTS else NOT_SECRET
+
+
 def is_secret_name(name: str) -> bool:
-    """Does ``name`` (an environment variable, a config key, a command-line flag) look
-    like it holds a secret? ``HF_TOKEN``, ``apiKey``, ``db-password``: yes;
-    ``max_tokens``, ``tokenizer``, ``author``: no."""
-    if _SECRET_FRAGMENTS.search(name):
-        return True
-    return any(part.lower() in _SECRET_PARTS for part in _SPLIT.split(name) if part)
+    """Strong or weak: in the environment and on the command line, its value is cut."""
+    return secrecy(name) != NOT_SECRET
+
+
+def looks_secret(value: str) -> bool:
+    """A value that could be a credential: 8+ characters without spaces, with letters and
+    digits, or 20+ of them. ``<pad>``, ``input_ids``, ``text``: no."""
+    if len(value) < 8 or any(c.isspace() for c in value) or _harmless(value):
+        return False
+    mixed = any(c.isalpha() for c in value) and any(c.isdigit() for c in value)
+    return mixed or len(value) >= 20
 
 
 def known_secrets(environ: Mapping[str, str] | None = None) -> set[str]:
@@ -100,14 +112,38 @@ def redact_text(text: str, known: Iterable[str] = ()) -> str:
     return _ASSIGNMENT.sub(_redact_assignment, text)
 
 
+def scrub(text: str) -> str:
+    """``redact_text`` with the environment's secret values: for log lines and messages."""
+    return redact_text(text, known_secrets())
+
+
+def redact_argv(argv: Iterable[str], known: Iterable[str] = ()) -> list[str]:
+    """A command line with the value of every secret-looking flag cut (``--token X``,
+    ``--db-password=X``), then each argument as ``redact_text`` does."""
+    out: list[str] = []
+    previous = ""
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if arg.startswith("-") and eq and is_secret_name(name) and not _harmless(value):
+            arg = f"{name}={REDACTED}"
+        elif (previous.startswith("-") and "=" not in previous and is_secret_name(previous)
+              and not arg.startswith("-")):
+            arg = REDACTED
+        previous = arg
+        out.append(redact_text(arg, known))
+    return out
+
+
 def _redact_assignment(match: re.Match[str]) -> str:
     value, name = match["value"], match["name"]
     quoted = value[:1] in "\"'" and len(value) > 1
     bare = value.strip("\"'")
-    strong = _STRONG_NAME.search(name) is not None or any(
-        part.lower() in _STRONG_PARTS for part in _SPLIT.split(name) if part)
-    looks_secret = len(bare) >= 6 if quoted else _BARE_SECRET.fullmatch(bare) is not None
-    if not strong or not looks_secret or REDACTED in value or _harmless(bare):
+    level = secrecy(name)
+    if level == STRONG:  # password = "..." / PASSWORD=hunter22: any value that is not code
+        cut = len(bare) >= 6 if quoted else _TOKEN_CHARS.fullmatch(bare) is not None
+    else:  # token_ids = tok(x), key=len: code; only credential-looking values
+        cut = level == WEAK and looks_secret(bare) and _TOKEN_CHARS.fullmatch(bare) is not None
+    if not cut or REDACTED in value or _harmless(bare):
         return match[0]
     quote = value[0] if quoted else ""
     return f"{match['name']}{match['sep']}{quote}{REDACTED}{quote}"
@@ -125,36 +161,61 @@ def _harmless(value: str) -> bool:
 def redact(value: Any, known: Iterable[str] | None = None) -> Any:
     """A JSON-safe copy of ``value`` with every secret cut (see the module docstring).
 
-    Mappings (and dataclasses, argparse Namespaces, pydantic models, named tuples) become
-    dicts with str keys; sequences and sets become lists; numbers, booleans and None stay;
-    anything else becomes its ``str`` (without `` at 0x...`` addresses). ``known`` defaults to
-    the secret values of the environment (``known_secrets()``).
+    Under a strong name every string (and int) is cut; under a weak one, strings that
+    look like secrets. Mappings (and dataclasses, argparse Namespaces, pydantic models,
+    named tuples) become dicts with str keys; sequences and sets become lists; numbers,
+    booleans and None stay; anything else becomes its ``str`` (without `` at 0x...``
+    addresses). ``known`` defaults to the secret values of the environment.
     """
     known = known_secrets() if known is None else set(known)
-    return _walk(value, known, secret=False, depth=0)
+    return _walk(value, known, NOT_SECRET, 0)
 
 
-def _walk(value: Any, known: set[str], *, secret: bool, depth: int) -> Any:
+def _walk(value: Any, known: set[str], level: int, depth: int) -> Any:
     if depth > 64:
         return "<nested too deep>"
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool | float):
         return value
+    if isinstance(value, int):
+        return REDACTED if level == STRONG else value
     if isinstance(value, bytes | bytearray):
         value = bytes(value).decode("utf-8", "replace")
     if isinstance(value, str):
-        return REDACTED if secret else redact_text(value, known)
+        if level == STRONG or (level == WEAK and looks_secret(value)):
+            return REDACTED
+        return redact_text(value, known)
     items = as_mapping(value)
     if items is not None:
-        return {
-            str(k): _walk(v, known, secret=secret or is_secret_name(str(k)), depth=depth + 1)
-            for k, v in items.items()
-        }
+        return {str(k): _walk(v, known, max(level, secrecy(str(k))), depth + 1)
+                for k, v in items.items()}
     if isinstance(value, list | tuple | set | frozenset):
         values = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
-        return [_walk(v, known, secret=secret, depth=depth + 1) for v in values]
+        return [_walk(v, known, level, depth + 1) for v in values]
     # without its memory address, an object reads the same in every process
-    text = _ADDRESS.sub("", str(value))
-    return _walk(text, known, secret=secret, depth=depth + 1)
+    return _walk(_ADDRESS.sub("", str(value)), known, level, depth + 1)
+
+
+def secret_values(value: Any) -> set[str]:
+    """The strings in ``value`` (a config) that ``redact`` would cut for their key: to be
+    cut wherever else they turn up (a config file's diff, the command line)."""
+    found: set[str] = set()
+
+    def collect(node: Any, level: int, depth: int) -> None:
+        items = as_mapping(node)
+        if depth > 64:
+            return
+        if items is not None:
+            for key, item in items.items():
+                collect(item, max(level, secrecy(str(key))), depth + 1)
+        elif isinstance(node, list | tuple | set | frozenset):
+            for item in node:
+                collect(item, level, depth + 1)
+        elif isinstance(node, str) and len(node) >= _MIN_KNOWN_LEN and (
+                level == STRONG or (level == WEAK and looks_secret(node))):
+            found.add(node)
+
+    collect(value, NOT_SECRET, 0)
+    return found
 
 
 def as_mapping(value: Any) -> Mapping[Any, Any] | None:

@@ -16,6 +16,7 @@ import fsspec
 import torch
 
 from hardtrain import _dist
+from hardtrain._redact import scrub
 from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
 from hardtrain.errors import CheckpointWriteError
 from hardtrain.numerics import NanWatch, StepHealth
@@ -210,4 +211,5 @@ def is_remote(run_dir: str) -> bool:
 def default_log_dir(run_dir: str) -> str:
     if not is_remote(run_dir):
         return fsspec.core.strip_protocol(run_dir) if run_dir.startswith("file://") else run_dir
-    return os.path.join("hardtrain-logs", re.sub(r"[^A-Za-z0-9._-]+", "_", run_dir).strip("_"))
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", scrub(run_dir)).strip("_")  # no credentials
+    return os.path.join("hardtrain-logs", name)

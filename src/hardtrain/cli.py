@@ -205,20 +205,24 @@ def _metadata(run_dir: str | None, step: int | None, *, as_json: bool) -> int:
         now["git"].pop("diff", None)  # diff_bytes and diff_sha256 stay; the diff is long
         print(json.dumps(now, indent=1, sort_keys=True))
         return 0
-    store, _ = _open(run_dir)
-    if step is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            latest = store.latest()
-        if latest is None:
-            raise _UsageError(f"{run_dir}: no verified checkpoint")
-        step = latest.step
-    try:
-        saved = json.loads(store.read_file(step, METADATA_FILE))
-    except CheckpointError as e:  # not committed, or damaged
-        raise _UsageError(str(e)) from None
-    except FileNotFoundError as e:
-        raise _UsageError(f"{e}: written with metadata=None or by an older hardtrain") from None
+    store, infos = _open(run_dir)
+    # newest first; run.json is verified on its own (not the whole, maybe huge, checkpoint)
+    steps = [step] if step is not None else [i.step for i in reversed(infos) if i.committed]
+    saved, problems = None, []
+    for candidate in steps:
+        try:
+            saved = json.loads(store.read_file(candidate, METADATA_FILE))
+            step = candidate
+            break
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            if len(steps) == 1:
+                hint = "" if isinstance(e, CheckpointError) else \
+                    ": written with metadata=None or by an older hardtrain"
+                raise _UsageError(f"{e}{hint}") from None
+            problems.append(f"step {candidate}: {e}")
+    if saved is None:
+        raise _UsageError(f"{run_dir}: no checkpoint with a readable {METADATA_FILE} ("
+                          + "; ".join(problems) + ")")
     root = (saved.get("git") or {}).get("root")
     now = capture_metadata(repo=root if isinstance(root, str) and os.path.isdir(root) else None)
     # The job sets these itself (fit compares them on resume); this one process cannot know

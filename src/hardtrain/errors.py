@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hardtrain._redact import known_secrets, redact_text
+from hardtrain._redact import scrub
 
 CHECKPOINT_RUNBOOK = "runbooks/checkpoint-corruption.md"
 RESUME_MISMATCH_RUNBOOK = "runbooks/resume-mismatch.md"
@@ -41,7 +41,7 @@ class HardtrainError(Exception):
     def __init__(self, message: str) -> None:
         if self.runbook and self.runbook not in message:
             message = f"{message} See {self.runbook}"
-        super().__init__(redact_text(message, known_secrets()))
+        super().__init__(scrub(message))
 
 
 class CheckpointError(HardtrainError):

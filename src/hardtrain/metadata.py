@@ -30,7 +30,14 @@ import psutil
 import torch
 
 from hardtrain import _dist
-from hardtrain._redact import REDACTED, as_mapping, is_secret_name, known_secrets, redact
+from hardtrain._redact import (
+    REDACTED,
+    is_secret_name,
+    known_secrets,
+    redact,
+    redact_argv,
+    secret_values,
+)
 from hardtrain.determinism import determinism_flags
 
 __all__ = [
@@ -45,10 +52,11 @@ __all__ = [
 ]
 
 METADATA_FILE = "run.json"
+UNKNOWN = "<unavailable>"  # a part that could not be read (no git, no NVML)
 DIFF_FILE = "git-diff.patch"
 FORMAT = 1
 _MAX_UNTRACKED = 200  # untracked file names listed; the count is always there
-_MAX_DIFF_BYTES = 16 * 2**20  # larger diffs are cut, and the metadata says so
+_MAX_DIFF_BYTES = 2 * 2**20  # larger diffs are cut (redaction reads ~2 MB/s), and say so
 # Environment variables that change numerics, communication or scheduling, by prefix or name.
 _ENV_PREFIXES = (
     "NCCL_", "TORCH_", "PYTORCH_", "CUDA_", "CUBLAS_", "CUBLASLT_", "CUDNN_", "NVIDIA_",
@@ -82,7 +90,8 @@ class MetadataPolicy:
         versions, world size, GPU models, determinism flags, numerics environment
         variables (NCCL_ALGO, CUBLAS_WORKSPACE_CONFIG, OMP_NUM_THREADS, ...), the code
         (git commit or uncommitted diff) or the config (each changed key named).
-    repo: a folder inside the git repository to describe; None: the current directory.
+    repo: a folder inside the git repository to describe; None: the training script's
+        folder (``sys.argv[0]``), or the current directory when there is no script file.
     """
 
     on_change: str = "warn"
@@ -138,7 +147,8 @@ def capture_metadata(
 
     config: a dict, dataclass, argparse Namespace or pydantic model; made JSON-safe.
     seed: the run's seed, recorded with the determinism flags.
-    repo: a folder inside the git repository; None: the current directory.
+    repo: a folder inside the git repository; None: the training script's folder
+        (``sys.argv[0]``), or the current directory.
     nvml: an object with pynvml's functions (a seam for tests); None imports pynvml.
 
     The git diff of uncommitted changes is under ``git.diff`` (``metadata_files`` writes
@@ -161,39 +171,60 @@ def capture(
     repo: str | os.PathLike[str] | None,
     nvml: Any,
     group: Any,
+    full: bool = True,
 ) -> dict[str, Any]:
-    """``capture_metadata`` on a given gloo ``group`` (the trainer's own)."""
-    known = known_secrets()
-    if config is not None:  # values under secret-looking config keys are searched for too
-        known |= _secret_values(config)
+    """``capture_metadata`` on a given gloo ``group`` (the trainer's own). ``full=False``
+    takes part in the all-gather and returns only ``world`` (the trainer's ranks other
+    than 0, whose metadata nobody writes)."""
     rank, world_size = _dist.rank_and_world_size()
     me = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
           "local_rank": _int_or_none(os.environ.get("LOCAL_RANK")), "device": _device()}
-    ranks = _dist.all_gather_json(me, group) if world_size > 1 else [me]
-    process = psutil.Process()
+    world = {"world_size": world_size,
+             "ranks": _dist.all_gather_json(me, group) if world_size > 1 else [me]}
+    if not full:
+        return {"format": FORMAT, "world": world}
+    known = known_secrets()
+    if config is not None:  # strings under secret config keys are cut anywhere else too
+        known |= _part(secret_values, config) or set()
     metadata = {
         "format": FORMAT,
         "captured_at": _iso(time.time()),
-        "process_started_at": _iso(process.create_time()),
-        "command": {"argv": _redact_argv(sys.argv), "executable": sys.executable,
-                    "cwd": os.getcwd()},
+        "process_started_at": _part(lambda: _iso(psutil.Process().create_time())),
+        "command": {"argv": redact_argv(sys.argv, known), "executable": sys.executable,
+                    "cwd": _part(os.getcwd)},
         "host": {"hostname": socket.gethostname(), "platform": platform.platform()},
-        "world": {"world_size": world_size, "ranks": ranks},
-        "git": _git(repo),
+        "world": world,
+        "git": _part(_git, repo),
         "config": config,
-        "versions": _versions(),
-        "packages": _packages(),
-        "hardware": {"cpu": _cpu(), "memory_bytes": psutil.virtual_memory().total,
-                     "gpus": _gpus(nvml)},
-        "determinism": {"seed": seed, **determinism_flags(),
-                        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-                        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-                        "float32_matmul_precision": torch.get_float32_matmul_precision()},
+        "versions": _part(_versions),
+        "hardware": {"cpu": _part(_cpu), "memory_bytes": _part(_memory_bytes),
+                     "gpus": _part(_gpus, nvml)},
+        "determinism": _part(_determinism, seed),
         "env": {k: (REDACTED if is_secret_name(k) else v) for k, v in sorted(os.environ.items())
                 if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES},
     }
     redacted: dict[str, Any] = redact(metadata, known)
+    redacted["packages"] = _part(_packages)  # names and versions: nothing to redact
     return redacted
+
+
+def _part(read: Any, *args: Any) -> Any:
+    """One part of the metadata, or why it could not be read: capturing never raises."""
+    try:
+        return read(*args)
+    except Exception as e:
+        return {"available": False, "reason": f"{type(e).__name__}: {e}"}
+
+
+def _determinism(seed: int | None) -> dict[str, Any]:
+    return {"seed": seed, **determinism_flags(),
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def _memory_bytes() -> int:
+    return int(psutil.virtual_memory().total)
 
 
 def metadata_files(metadata: Mapping[str, Any]) -> dict[str, bytes]:
@@ -204,7 +235,7 @@ def metadata_files(metadata: Mapping[str, Any]) -> dict[str, bytes]:
     git = body.get("git") or {}
     diff = git.pop("diff", None)
     if diff:
-        files[DIFF_FILE] = diff.encode()
+        files[DIFF_FILE] = diff.encode("utf-8", "surrogateescape")  # bytes as git gave them
         git["diff_file"] = DIFF_FILE
     files[METADATA_FILE] = (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
     return files
@@ -217,8 +248,10 @@ def metadata_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Met
     changes = []
     flat_old, flat_new = _exactness_view(old), _exactness_view(new)
     for key in sorted(flat_old.keys() | flat_new.keys()):
-        if not _same(flat_old.get(key), flat_new.get(key)):
-            changes.append(MetadataChange(key, flat_old.get(key), flat_new.get(key), True))
+        before, after = flat_old.get(key), flat_new.get(key)
+        if not _same(before, after):  # unknown on one side: shown, but not counted
+            changes.append(MetadataChange(key, before, after, UNKNOWN not in (before, after)))
+    changes.sort(key=lambda c: not c.breaks_exactness)
     informational = {
         "determinism.seed": (_get(old, "determinism.seed"), _get(new, "determinism.seed")),
         "git.branch": (_get(old, "git.branch"), _get(new, "git.branch")),
@@ -243,23 +276,26 @@ def metadata_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Met
 
 def _exactness_view(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The fields whose change can change the numbers, flattened to dotted names."""
-    gpus = _get(metadata, "hardware.gpus.devices") or []
     view: dict[str, Any] = {
         "versions." + k: v for k, v in (metadata.get("versions") or {}).items()
         if k in ("torch", "cuda", "cudnn", "nccl", "hip", "python", "numpy", "hardtrain")
     }
     view["world.world_size"] = _get(metadata, "world.world_size")
-    view["hardware.gpus.models"] = sorted(str(g.get("name")) for g in gpus)
-    view["world.devices"] = [r.get("device") for r in _get(metadata, "world.ranks") or []]
-    if not gpus:  # CPU training: the CPU's kernels (AVX-512 or not) decide the numbers
-        view["hardware.cpu.model"] = _get(metadata, "hardware.cpu.model")
+    # a probe that could not run is not a value: compared, it would always "change"
+    view["hardware.gpus.models"] = UNKNOWN if _get(metadata, "hardware.gpus.available") is \
+        not True else sorted(str(g.get("name")) for g in _get(metadata, "hardware.gpus.devices"))
+    devices = [r.get("device") for r in _get(metadata, "world.ranks") or []]
+    view["world.devices"] = devices
+    if not any(devices):  # CPU training: the CPU's kernels (AVX-512 or not) decide the numbers
+        view["hardware.cpu.model"] = _get(metadata, "hardware.cpu.model") or UNKNOWN
     view.update({"determinism." + k: v for k, v in (metadata.get("determinism") or {}).items()
                  if k != "seed"})  # the seed only acts at a fresh start
     env = metadata.get("env") or {}
     for name in sorted(_EXACTNESS_ENV | set(_EXACTNESS_NCCL)):
         view["env." + name] = env.get(name)
-    view["git.commit"] = _get(metadata, "git.commit")
-    view["git.diff_sha256"] = _get(metadata, "git.diff_sha256")
+    git_known = _get(metadata, "git.available") is True
+    view["git.commit"] = _get(metadata, "git.commit") if git_known else UNKNOWN
+    view["git.diff_sha256"] = _get(metadata, "git.diff_sha256") if git_known else UNKNOWN
     config = metadata.get("config")
     view.update(_flatten(config, "config") if isinstance(config, dict) and config else
                 {"config": config})
@@ -278,7 +314,7 @@ def _flatten(node: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _git(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
-    where = os.path.abspath(os.fspath(repo)) if repo is not None else os.getcwd()
+    where = os.path.abspath(os.fspath(repo)) if repo is not None else _script_dir()
     try:
         import git  # GitPython: raises ImportError when there is no git executable
     except ImportError as e:
@@ -298,24 +334,32 @@ def _git(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
             info["branch"] = None if head.is_detached else repository.active_branch.name
             info["remote"] = _remote(repository)
             untracked = repository.untracked_files
-            info["dirty"] = repository.is_dirty(untracked_files=True)
-            info["num_untracked"] = len(untracked)
-            info["untracked"] = untracked[:_MAX_UNTRACKED]
-            # staged and unstaged changes to tracked files, against the commit
-            diff = repository.git.diff("HEAD" if info["commit"] else "--cached", "--binary")
+            # staged and unstaged changes to tracked files, against the commit, as bytes:
+            # a file that is not UTF-8 must come back unchanged
+            raw: bytes = repository.git.diff("HEAD" if info["commit"] else "--cached",
+                                             "--binary", stdout_as_string=False)
         except Exception as e:  # a damaged repository, "dubious ownership", ...
             info.update(available=False, reason=f"{type(e).__name__}: {e}")
             return info
-    if diff:
-        diff += "\n"
-    raw = diff.encode()
+    if raw and not raw.endswith(b"\n"):
+        raw += b"\n"
+    info["dirty"] = bool(raw or untracked)
+    info["num_untracked"] = len(untracked)
+    info["untracked"] = untracked[:_MAX_UNTRACKED]
     info["diff_bytes"] = len(raw)
-    info["diff_sha256"] = hashlib.sha256(raw).hexdigest() if raw else None
+    info["diff_sha256"] = hashlib.sha256(raw).hexdigest() if raw else None  # before redaction
     if len(raw) > _MAX_DIFF_BYTES:
-        info["diff_truncated"] = True
-        diff = raw[:_MAX_DIFF_BYTES].decode("utf-8", "ignore")
-    info["diff"] = diff
+        info["diff_truncated"] = True  # the patch then does not apply; diff_sha256 is whole
+        raw = raw[:_MAX_DIFF_BYTES]
+    info["diff"] = raw.decode("utf-8", "surrogateescape")
     return info
+
+
+def _script_dir() -> str:
+    """Where the training script lies (``python /src/proj/train.py`` run from /scratch),
+    else the current directory."""
+    script = sys.argv[0] if sys.argv else ""
+    return os.path.dirname(os.path.abspath(script)) if os.path.isfile(script) else os.getcwd()
 
 
 def _remote(repository: Any) -> str | None:
@@ -432,36 +476,6 @@ def _device() -> str | None:
         return None
     index = torch.cuda.current_device()
     return f"cuda:{index} {torch.cuda.get_device_name(index)}"
-
-
-def _redact_argv(argv: list[str]) -> list[str]:
-    """The command line, with the value after a secret-looking flag (``--token X``) cut."""
-    out = []
-    for i, arg in enumerate(argv):
-        previous = argv[i - 1] if i else ""
-        flag = previous.startswith("-") and "=" not in previous and is_secret_name(previous)
-        out.append(REDACTED if flag and not arg.startswith("-") else arg)
-    return out
-
-
-def _secret_values(config: Any) -> set[str]:
-    """String values under secret-looking keys of ``config``, to cut wherever they occur
-    (a config file's diff, the command line)."""
-    values: set[str] = set()
-
-    def collect(node: Any, secret: bool) -> None:
-        items = as_mapping(node)
-        if items is not None:
-            for key, value in items.items():
-                collect(value, secret or is_secret_name(str(key)))
-        elif isinstance(node, list | tuple | set | frozenset):
-            for value in node:
-                collect(value, secret)
-        elif secret and isinstance(node, str) and len(node) >= 4:
-            values.add(node)
-
-    collect(config, False)
-    return values
 
 
 def _get(metadata: Mapping[str, Any], path: str) -> Any:

@@ -18,7 +18,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from hardtrain._dist import rank_and_world_size
-from hardtrain._redact import redact
+from hardtrain._redact import redact, scrub
 
 logger = logging.getLogger(__name__)
 _MAX_RECORDS = 10_000  # the newest events kept in memory; the file keeps them all
@@ -55,7 +55,7 @@ class EventLog:
                     with open(self.path, "a", encoding="utf-8") as f:
                         f.write(line + "\n")
                 except OSError as e:  # a full disk must not turn an event into a new failure
-                    logger.warning("could not append to %s: %s", self.path, e)
+                    logger.warning("could not append to %s: %s", self.path, scrub(str(e)))
         summary = " ".join(f"{k}={v}" for k, v in fields.items())
         logger.log(level, "event=%s rank=%d %s", event, rank, summary)
 

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import torch
 
 from hardtrain import _dist
-from hardtrain._redact import redact_text
+from hardtrain._redact import scrub
 from hardtrain._resume_checks import (
     class_name,
     device_differences,
@@ -354,9 +354,10 @@ class HardenedTrainer:
         if self.deterministic:
             set_deterministic()
         now = None
-        if self.metadata is not None:  # after set_deterministic: it records those flags
+        if self.metadata is not None and run.store is not None:  # after set_deterministic
+            # rank 0 writes and compares it; the other ranks only send their host and device
             now = capture_metadata(self.config, seed=self.seed, repo=self.metadata.repo,
-                                   nvml=None, group=run.group)
+                                   nvml=None, group=run.group, full=run.rank == 0)
             run.metadata_files = metadata_files(now) if run.rank == 0 else {}
         loaded = None
         if run.store is not None:
@@ -375,7 +376,7 @@ class HardenedTrainer:
         run.last_checkpoint = CheckpointInfo(loaded.step, loaded.path, True)
         run.saved_step = loaded.step
         logger.info("rank=%d resumed from %s (step %d, epoch %d, batch %d of the epoch)",
-                    run.rank, redact_text(loaded.path), self.step, self._cursor.epoch,
+                    run.rank, scrub(loaded.path), self.step, self._cursor.epoch,
                     self._cursor.batches_in_epoch)
         run.events.record("resumed", from_step=loaded.step, path=loaded.path,
                           epoch=self._cursor.epoch)
@@ -384,22 +385,35 @@ class HardenedTrainer:
     def _check_environment(self, run: Run, step: int, path: str, now: dict[str, Any]) -> None:
         """Collective when distributed. Compare this run's metadata with the checkpoint's
         run.json (rank 0 reads and compares for all); a change that breaks bit-exactness
-        warns, or raises under ``on_change="refuse"``, before anything is loaded."""
+        warns, or raises under ``on_change="refuse"``, before anything is loaded into the
+        user's objects. A run.json that is missing or unreadable cannot vouch for the
+        environment: an event, and under "refuse" an error."""
         assert self.metadata is not None and run.store is not None
-        found: list[dict[str, Any]] | None = None
+        found: dict[str, Any] = {}
         if run.rank == 0:
             try:
                 saved = json.loads(run.store.read_file(step, METADATA_FILE))
-                found = [c.as_json() for c in metadata_changes(saved, now)]
+                found["changes"] = [c.as_json() for c in metadata_changes(saved, now)]
             except FileNotFoundError:
-                found = None  # written without metadata: nothing to compare with
+                found["missing"] = f"the checkpoint has no {METADATA_FILE}"
+            except Exception as e:  # every rank must hear of it, not only rank 0
+                found["missing"] = f"its {METADATA_FILE} is unreadable ({type(e).__name__}: {e})"
         if run.group is not None:
             found = _dist.all_gather_json(found, run.group)[0]
-        if found is None:
-            run.events.record("metadata_missing", step=step, path=path,
-                              note=f"the checkpoint has no {METADATA_FILE}; nothing compared")
+        refuse = self.metadata.on_change == "refuse"
+        if "missing" in found:
+            if run.rank == 0:
+                run.events.record("metadata_missing", level=logging.WARNING, step=step,
+                                  path=path, reason=found["missing"], on_change=self.metadata
+                                  .on_change)
+            if refuse:
+                raise EnvironmentChangedError(
+                    f"{path}: {found['missing']}, so nothing shows the environment it was "
+                    "written in, and MetadataPolicy(on_change='refuse') asked not to resume "
+                    "then. Nothing was loaded into the model, optimizer or data. Pass "
+                    "MetadataPolicy(on_change='warn') to resume anyway.")
             return
-        changes = [MetadataChange(**c) for c in found]
+        changes = [MetadataChange(**c) for c in found["changes"]]
         breaking = [c for c in changes if c.breaks_exactness]
         if changes and run.rank == 0:
             run.events.record(
@@ -412,18 +426,18 @@ class HardenedTrainer:
             return
         message = (f"{path} was written with another environment: "
                    + "; ".join(map(str, breaking)) + ".")
-        if self.metadata.on_change == "refuse":
+        if refuse:
             raise EnvironmentChangedError(
                 f"{message} Resuming could not reproduce an uninterrupted run bit for bit, and "
                 "MetadataPolicy(on_change='refuse') asked not to: nothing was loaded into the "
                 "model, optimizer or data, and the checkpoints are untouched. Restore "
                 "that environment, or pass MetadataPolicy(on_change='warn') to resume anyway.",
                 breaking)
-        warning = (f"{message} The resumed run may differ from an uninterrupted one; "
-                   f"`hardtrain metadata {self.run_dir}` shows every difference. See "
-                   f"{ENVIRONMENT_RUNBOOK}")
         if run.rank == 0:
-            warnings.warn(warning, EnvironmentChangedWarning, stacklevel=4)
+            warnings.warn(
+                f"{message} The resumed run may differ from an uninterrupted one; "
+                f"`hardtrain metadata {scrub(self.run_dir)}` shows every difference. "
+                f"See {ENVIRONMENT_RUNBOOK}", EnvironmentChangedWarning, stacklevel=4)
 
     def _checkpoint_due(self, run: Run, step: int, final: bool) -> bool:
         """This rank's view: is a checkpoint due once ``step`` is done? (Local.)"""
@@ -577,7 +591,7 @@ class HardenedTrainer:
         where = ("this step is checkpointed" if saved else
                  f"the newest checkpoint is {last.path}" if last is not None else
                  "there is no checkpoint")
-        message = redact_text(f"stopped at step {self.step} on {signal_name(signum)}; {where}. "
+        message = scrub(f"stopped at step {self.step} on {signal_name(signum)}; {where}. "
                               f"Exit code {code}: start the same command again to continue.")
         logger.warning("rank=%d %s", run.rank, message)
         raise Preempted(code, message, step=self.step, signal=signal_name(signum),
@@ -656,7 +670,7 @@ class HardenedTrainer:
         warning = self._cursor.restore(unflatten(saved["data"], tensors))
         if warning is not None:
             warnings.warn(warning, stacklevel=4)
-            logger.warning("rank=%d %s", _dist.rank_and_world_size()[0], redact_text(warning))
+            logger.warning("rank=%d %s", _dist.rank_and_world_size()[0], scrub(warning))
         self._restore_rng(unflatten(saved["rng"], tensors))  # last: the data moved them
 
     def _capture_rng(self) -> dict[str, Any]:

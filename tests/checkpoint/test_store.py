@@ -271,6 +271,55 @@ def test_stale_files_of_a_crashed_save_are_cleaned_but_nothing_else(tmp_path: Pa
     assert sorted(os.listdir(crashed)) == ["my-notes.txt"]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_extra_files_are_committed_verified_and_read_back(tmp_path: Path, mode: str) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    files = {"run.json": b'{"a": 1}\n', "git-diff.patch": b"diff --git a/x b/x\n"}
+    if mode == "sync":
+        store.save(1, {"w": torch.ones(2)}, files=files)
+    else:
+        store.save_async(1, {"w": torch.ones(2)}, files=files)
+        store.wait()
+    assert store.read_file(1, "run.json") == files["run.json"]
+    assert store.read_file(1, "git-diff.patch") == files["git-diff.patch"]
+    assert store.verify(1).ok
+    (folder(tmp_path, 1) / "git-diff.patch").write_bytes(b"diff --git a/y b/y\n")  # same size
+    with pytest.raises(ht.CheckpointCorruptError, match=r"git-diff\.patch"):
+        store.read_file(1, "git-diff.patch")
+    assert not store.verify(1).ok
+    with pytest.raises(FileNotFoundError, match=r"holds no other\.json"):
+        store.read_file(1, "other.json")
+    with pytest.raises(ht.NoCheckpointError):
+        store.read_file(2, "run.json")
+
+
+@pytest.mark.parametrize("name", ["rank-00001.json", "MANIFEST.json", "../x.json", "a.pt",
+                                  "notes.txt", ".hidden.json"])
+def test_extra_file_names_a_checkpoint_cannot_hold(tmp_path: Path, name: str) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    with pytest.raises(ValueError, match="is not a name a checkpoint can hold"):
+        store.save(1, {"w": torch.ones(1)}, files={name: b"x"})
+    with pytest.raises(TypeError, match="expected bytes"):
+        store.save(1, {"w": torch.ones(1)}, files={"run.json": "text"})  # type: ignore[dict-item]
+    assert not (tmp_path / "checkpoints").exists() or not store.list()
+
+
+def test_extra_files_of_a_crashed_save_do_not_linger(tmp_path: Path) -> None:
+    store = ht.CheckpointStore(tmp_path, keep_last=1)
+    store.save(1, {"w": torch.ones(1)}, files={"run.json": b"{}", "git-diff.patch": b"d\n"})
+    (folder(tmp_path, 1) / "MANIFEST.json").unlink()  # a crash before the commit
+    store.save(1, {"w": torch.ones(1)}, files={"run.json": b"{}"})  # the tree is clean now
+    assert sorted(os.listdir(folder(tmp_path, 1))) == ["MANIFEST.json", "rank-00000.json",
+                                                     "rank-00000.safetensors", "run.json"]
+    assert store.verify(1).ignored == ()
+    crashed = folder(tmp_path, 2)
+    crashed.mkdir()
+    (crashed / "run.json").write_text("{}")
+    (crashed / "git-diff.patch").write_text("d\n")
+    store.save(3, {"w": torch.ones(1)})
+    assert not crashed.exists() and not folder(tmp_path, 1).exists()
+
+
 def test_events_go_to_events_jsonl(tmp_path: Path) -> None:
     store = ht.CheckpointStore(tmp_path)
     store.save_async(1, {"w": torch.ones(1000)})

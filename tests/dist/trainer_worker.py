@@ -59,6 +59,7 @@ def main() -> None:
     trainer = ht.HardenedTrainer(
         ddp, optimizer, data, args.run_dir, scheduler=scheduler, seed=100 + rank,
         checkpoint=ht.CheckpointPolicy(every=None, every_steps=3, keep_last=2),
+        metadata=ht.MetadataPolicy(repo=args.run_dir),  # not the checkout: edits would show
     )
     log = Path(args.results) / f"rank{rank}.jsonl"
 

@@ -30,6 +30,8 @@ def git(repo: Path, *args: str) -> str:
 
 def make(run_dir: Path, config: Any = None, **kwargs: Any) -> tuple[ht.HardenedTrainer, Any]:
     ht.seed_everything(0)
+    # git state of a folder outside any repository, not of this checkout (edited meanwhile)
+    kwargs.setdefault("metadata", ht.MetadataPolicy(repo=run_dir.parent))
     model = torch.nn.Linear(4, 1)
     data = [torch.randn(4, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     trainer = ht.HardenedTrainer(
@@ -74,9 +76,14 @@ def test_secrets_are_nowhere_under_the_run_dir(tmp_path: Path, repo: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(sys, "argv", ["train.py", "--wandb-api-key", "argv-secret-value"])
-    # a secret pasted into the code, uncommitted: it would be in the diff
+    monkeypatch.setattr(sys, "argv", ["train.py", "--wandb-api-key", "argv-secret-value",
+                                      "--db-password=correcthorsebatterystaple"])
+    # secrets pasted into the code and a YAML file, uncommitted: they would be in the diff
     (repo / "train.py").write_text(f"password = '{SECRETS['MY_SERVICE_PASSWORD']}'\n")
+    (repo / "conf.yaml").write_text("lr: 0.1\n")
+    git(repo, "add", "conf.yaml")
+    git(repo, "commit", "-q", "-m", "conf")
+    (repo / "conf.yaml").write_text("lr: 0.1\nadmin_password: letmeinplease\n")
     config = {"lr": 0.1, "hub": {"token": CONFIG_SECRET},
               "bucket": f"s3://AKIAIOSFODNN7EXAMPLE:{SECRETS['AWS_SECRET_ACCESS_KEY']}@b/x"}
     run_dir = tmp_path / "run"
@@ -90,7 +97,7 @@ def test_secrets_are_nowhere_under_the_run_dir(tmp_path: Path, repo: Path,
     for path in files:
         data = path.read_bytes()
         for secret in [*SECRETS.values(), CONFIG_SECRET, "argv-secret-value",
-                       "AKIAIOSFODNN7EXAMPLE"]:
+                       "AKIAIOSFODNN7EXAMPLE", "correcthorsebatterystaple", "letmeinplease"]:
             assert secret.encode() not in data, (path, secret)
 
 
@@ -155,12 +162,23 @@ def test_metadata_none_writes_no_run_json(tmp_path: Path) -> None:
     assert not list((tmp_path / "run").rglob("run.json"))
     with pytest.raises(FileNotFoundError, match=r"holds no run\.json"):
         ht.CheckpointStore(tmp_path / "run").read_file(2, "run.json")
-    # resuming such a run with metadata on: nothing to compare, an event says so
+    # resuming such a run with metadata on: nothing to compare. "refuse" will not vouch
+    # for an unknown environment; "warn" goes on, and an event says so
+    trainer, step_fn = make(tmp_path / "run", metadata=ht.MetadataPolicy(on_change="refuse"))
+    with pytest.raises(ht.EnvironmentChangedError, match=r"has no run\.json"):
+        trainer.fit(step_fn, max_steps=4)
     trainer, step_fn = make(tmp_path / "run")
     assert trainer.fit(step_fn, max_steps=4).resumed_from == 2
     events = [json.loads(line) for line in (tmp_path / "run/events.jsonl").open()]
-    assert [e["step"] for e in events if e["event"] == "metadata_missing"] == [2]
+    assert [e["step"] for e in events if e["event"] == "metadata_missing"] == [2, 2]
     assert ht.CheckpointStore(tmp_path / "run").read_file(4, "run.json")
+
+
+def test_no_checkpoints_no_metadata(tmp_path: Path) -> None:
+    trainer, step_fn = make(tmp_path / "run", metadata=ht.MetadataPolicy(on_change="refuse"))
+    trainer.checkpoint = None
+    trainer.fit(step_fn, max_steps=2)
+    assert not list((tmp_path / "run").rglob("run.json"))
 
 
 def test_cli_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -15,7 +15,7 @@ verifies on every core at once. XXH3 detects truncation, bit rot and torn writes
 manifest.
 
 Only two file types are ever read: ``.safetensors`` (parsed here, never through pickle)
-and ``.json``; ``.patch`` and ``.txt`` files are kept and verified as text, never parsed.
+and ``.json``; ``.patch`` files are kept and verified as text, never parsed.
 A manifest naming anything else is refused.
 """
 
@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 CHECKSUM = "xxh3_128"
 CHUNK_BYTES = 4 << 20
 LOADABLE_SUFFIXES = (".safetensors", ".json")
-TEXT_SUFFIXES = (".patch", ".txt")  # kept and verified, never parsed (e.g. git-diff.patch)
+TEXT_SUFFIXES = (".patch",)  # kept and verified, never parsed (git-diff.patch)
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 TMP_MARKER = ".tmp-"
 
@@ -228,7 +228,7 @@ def decode_manifest(data: bytes, expected_step: int) -> Manifest:
         if not name.endswith(LOADABLE_SUFFIXES + TEXT_SUFFIXES):
             raise ManifestError(
                 f"names {name!r}; hardtrain loads only .safetensors and .json (and keeps "
-                ".patch and .txt as text), never pickle"
+                ".patch as text), never pickle"
             )
     if chunk_bytes < 1:
         raise ManifestError(f"chunk_bytes={chunk_bytes} is not a size")
@@ -341,7 +341,7 @@ def check_extra_files(files: Mapping[str, bytes]) -> None:
                 or not name.endswith(LOADABLE_SUFFIXES + TEXT_SUFFIXES)):
             raise ValueError(
                 f"files: {name!r} is not a name a checkpoint can hold; use a plain file name "
-                "ending in .json, .patch or .txt, not starting with 'rank-'"
+                "ending in .json or .patch, not starting with 'rank-'"
             )
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"files[{name!r}]={type(data).__name__}: expected bytes")

@@ -17,8 +17,11 @@ from typing import Any
 import torch
 
 from hardtrain import _dist
+from hardtrain._redact import scrub
 from hardtrain.checkpoint._format import (
+    LOADABLE_SUFFIXES,
     MANIFEST,
+    TEXT_SUFFIXES,
     Digest,
     FileEntry,
     Manifest,
@@ -370,7 +373,7 @@ class CheckpointStore:
                        "is not committed and earlier checkpoints are untouched.")
         self._rejected.pop(job.step, None)  # a new checkpoint: the damaged one is set aside
         if rank == 0:
-            self._clean_up(job.step)
+            self._clean_up(job.step, {file[0] for rep in reports for file in rep["files"]})
         num_bytes = sum(file[1] for rep in reports for file in rep["files"])
         persist_s = time.perf_counter() - started
         self.events.record(
@@ -404,11 +407,12 @@ class CheckpointStore:
             return f"{type(e).__name__}: {e}"
         return None
 
-    def _clean_up(self, step: int) -> None:
-        """After a commit: the store's temporary files, then retention. Housekeeping never
-        fails a committed save; a failure is an event."""
+    def _clean_up(self, step: int, committed: set[str]) -> None:
+        """After a commit: the store's temporary files and files of an earlier, crashed
+        attempt at this step that the manifest does not name, then retention.
+        Housekeeping never fails a committed save; a failure is an event."""
         try:
-            self._remove_stale(f"{_CHECKPOINTS}/{step_dir_name(step)}")
+            self._remove_stale(f"{_CHECKPOINTS}/{step_dir_name(step)}", keep=committed)
             self._prune(step)
         except Exception as e:
             self.events.record(
@@ -441,22 +445,21 @@ class CheckpointStore:
             prunable = [s for s in older if s not in keep]
         for step in prunable:
             folder = f"{_CHECKPOINTS}/{step_dir_name(step)}"
-            named: set[str] = set()
-            if self._manifest_exists(step):
-                with contextlib.suppress(ManifestError):
-                    named = set(self._read_manifest(step).files)
+            if self._manifest_exists(step):  # every name a manifest may hold ends as ours do
                 self._storage.remove(f"{folder}/{MANIFEST}")
                 self._storage.sync_dir(folder)
                 self.events.record("checkpoint_pruned", step=step)
-            self._remove_stale(folder, also=named)
+            self._remove_stale(folder, keep=set())
             self._storage.rmdir(folder)
 
-    def _remove_stale(self, folder: str, *, also: set[str] | None = None) -> None:
-        """Remove the store's own temporary files in ``folder``; with ``also`` (a pruned
-        folder), its rank files and the files ``also`` names too. Nothing else."""
+    def _remove_stale(self, folder: str, *, keep: set[str] | None = None) -> None:
+        """Remove the store's temporary files in ``folder``; with ``keep``, also every file
+        the store may have written there (rank files, extra files) that ``keep`` does not
+        name: the whole folder when pruning (``keep`` empty), leftovers of a crashed
+        attempt after a commit. The manifest and foreign files stay."""
         for name in self._storage.listdir(folder) or []:
-            ours = name.startswith("rank-") and name.endswith((".safetensors", ".json"))
-            if is_tmp_name(name) or (also is not None and (ours or name in also)):
+            ours = name != MANIFEST and name.endswith(LOADABLE_SUFFIXES + TEXT_SUFFIXES)
+            if is_tmp_name(name) or (keep is not None and ours and name not in keep):
                 with contextlib.suppress(FileNotFoundError):
                     self._storage.remove(f"{folder}/{name}")
 
@@ -732,7 +735,7 @@ class CheckpointStore:
             f"{self._folder_path(step)}: {self._rejected[step]}; ignoring it and falling back "
             f"to the previous checkpoint. See {CHECKPOINT_RUNBOOK}"
         )
-        warnings.warn(message, CheckpointFallbackWarning, stacklevel=3)
+        warnings.warn(scrub(message), CheckpointFallbackWarning, stacklevel=3)
         self.events.record(
             "checkpoint_rejected", level=logging.WARNING, step=step, file=file,
             reason=self._rejected[step],
