@@ -119,7 +119,8 @@ def scrub(text: str) -> str:
 
 def redact_argv(argv: Iterable[str], known: Iterable[str] = ()) -> list[str]:
     """A command line with the value of every secret-looking flag cut (``--token X``,
-    ``--db-password=X``), then each argument as ``redact_text`` does."""
+    ``--db-password=X``; numbers and booleans stay: ``--key-dim 64``), then each argument
+    as ``redact_text`` does."""
     out: list[str] = []
     previous = ""
     for arg in argv:
@@ -127,7 +128,7 @@ def redact_argv(argv: Iterable[str], known: Iterable[str] = ()) -> list[str]:
         if arg.startswith("-") and eq and is_secret_name(name) and not _harmless(value):
             arg = f"{name}={REDACTED}"
         elif (previous.startswith("-") and "=" not in previous and is_secret_name(previous)
-              and not arg.startswith("-")):
+              and not arg.startswith("-") and not _harmless(arg)):
             arg = REDACTED
         previous = arg
         out.append(redact_text(arg, known))

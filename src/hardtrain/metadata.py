@@ -101,8 +101,8 @@ class MetadataPolicy:
         if self.on_change not in ("warn", "refuse"):
             raise ValueError(f"on_change={self.on_change!r}: must be 'warn' or 'refuse'")
         if self.repo is not None and not isinstance(self.repo, str | os.PathLike):
-            raise TypeError(f"repo={self.repo!r}: must be a path, or None for the current "
-                             "directory")
+            raise TypeError(f"repo={self.repo!r}: must be a path, or None for the training "
+                            "script's folder")
 
 
 class EnvironmentChangedWarning(UserWarning):
@@ -184,8 +184,8 @@ def capture(
     if not full:
         return {"format": FORMAT, "world": world}
     known = known_secrets()
-    if config is not None:  # strings under secret config keys are cut anywhere else too
-        known |= _part(secret_values, config) or set()
+    found = _part(secret_values, config)  # strings under secret config keys, cut anywhere
+    known |= found if isinstance(found, set) else set()
     metadata = {
         "format": FORMAT,
         "captured_at": _iso(time.time()),
@@ -195,7 +195,7 @@ def capture(
         "host": {"hostname": socket.gethostname(), "platform": platform.platform()},
         "world": world,
         "git": _part(_git, repo),
-        "config": config,
+        "config": _part(redact, config, known),  # a config whose str() raises is a reason
         "versions": _part(_versions),
         "hardware": {"cpu": _part(_cpu), "memory_bytes": _part(_memory_bytes),
                      "gpus": _part(_gpus, nvml)},
