@@ -261,7 +261,8 @@ def test_secrets_never_reach_the_metadata(repo: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(sys, "argv", ["train.py", "--api-key", "argv-secret-1",
                                       f"--hub-token={HF_TOKEN}", "--lr", "0.1",
                                       "--db-password=correcthorsebatterystaple",
-                                      "--hub-token=abcdefghijklmnop", "--text-column", "text"])
+                                      "--hub-token=abcdefghijklmnop", "--text-column", "text",
+                                      "--admin-password", "123456", "--key-dim", "64"])
     config = {"lr": 0.1, "wandb": {"api_key": CONFIG_SECRET, "project": "p"},
               "key_dim": 64, "max_tokens": 2048, "tokenizer": "gpt2",
               "pad_token": "<pad>", "text_key": "text", "hub": {"token": "0123abcd4567efgh"},
@@ -283,7 +284,8 @@ def test_secrets_never_reach_the_metadata(repo: Path, monkeypatch: pytest.Monkey
     assert meta["command"]["argv"] == ["train.py", "--api-key", REDACTED,
                                        f"--hub-token={REDACTED}", "--lr", "0.1",
                                        f"--db-password={REDACTED}", f"--hub-token={REDACTED}",
-                                       "--text-column", "text"]
+                                       "--text-column", "text", "--admin-password", REDACTED,
+                                       "--key-dim", "64"]
     assert "+lr = 0.2" in meta["git"]["diff"]  # the rest of the diff is intact
 
 
@@ -392,9 +394,15 @@ def test_a_probe_that_could_not_run_is_not_a_change() -> None:
     old = ht.capture_metadata(nvml=FakeNVML())
     new = ht.capture_metadata(nvml=FakeNVML(init_error=OSError("driver/library mismatch")))
     changes = metadata_changes(old, new)
-    assert sorted((c.field, c.breaks_exactness) for c in changes) == [
-        ("hardware.gpus.driver", False), ("hardware.gpus.models", False)]
-    assert changes[0].new == metadata_module.UNKNOWN
+    assert [c for c in changes if c.breaks_exactness] == []
+    models = next(c for c in changes if c.field == "hardware.gpus.models")
+    assert models.old == ["NVIDIA GeForce RTX 4090", "NVIDIA H100 80GB HBM3"]
+    assert models.new == metadata_module.UNKNOWN
+    # with the probe working on both sides, another GPU model does break exactness
+    other = ht.capture_metadata(nvml=FakeNVML())
+    other["hardware"]["gpus"]["devices"][1]["name"] = "NVIDIA A100-SXM4-80GB"
+    assert [c.field for c in metadata_changes(old, other) if c.breaks_exactness] == [
+        "hardware.gpus.models"]
 
 
 def test_a_cyclic_config_does_not_break_the_capture() -> None:

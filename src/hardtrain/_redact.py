@@ -119,20 +119,27 @@ def scrub(text: str) -> str:
 
 def redact_argv(argv: Iterable[str], known: Iterable[str] = ()) -> list[str]:
     """A command line with the value of every secret-looking flag cut (``--token X``,
-    ``--db-password=X``; numbers and booleans stay: ``--key-dim 64``), then each argument
-    as ``redact_text`` does."""
+    ``--db-password=X``; after a weak flag numbers and booleans stay: ``--key-dim 64``),
+    then each argument as ``redact_text`` does."""
     out: list[str] = []
     previous = ""
     for arg in argv:
         name, eq, value = arg.partition("=")
-        if arg.startswith("-") and eq and is_secret_name(name) and not _harmless(value):
+        if arg.startswith("-") and eq and _flag_value_is_secret(name, value):
             arg = f"{name}={REDACTED}"
-        elif (previous.startswith("-") and "=" not in previous and is_secret_name(previous)
-              and not arg.startswith("-") and not _harmless(arg)):
+        elif (previous.startswith("-") and "=" not in previous and not arg.startswith("-")
+              and _flag_value_is_secret(previous, arg)):
             arg = REDACTED
         previous = arg
         out.append(redact_text(arg, known))
     return out
+
+
+def _flag_value_is_secret(flag: str, value: str) -> bool:
+    """A strong flag's value always is (``--db-password 123456``); a weak one's unless it
+    is a number or a boolean (``--key-dim 64``)."""
+    level = secrecy(flag)
+    return level == STRONG or (level == WEAK and not _harmless(value))
 
 
 def _redact_assignment(match: re.Match[str]) -> str:

@@ -201,7 +201,7 @@ def _verify(run_dir: str, step: int | None) -> int:
 
 def _metadata(run_dir: str | None, step: int | None, *, as_json: bool) -> int:
     if run_dir is None:
-        now = capture_metadata()
+        now = capture_metadata(repo=".")  # the current directory, not hardtrain's own
         now["git"].pop("diff", None)  # diff_bytes and diff_sha256 stay; the diff is long
         print(json.dumps(now, indent=1, sort_keys=True))
         return 0
@@ -224,7 +224,8 @@ def _metadata(run_dir: str | None, step: int | None, *, as_json: bool) -> int:
         raise _UsageError(f"{run_dir}: no checkpoint with a readable {METADATA_FILE} ("
                           + "; ".join(problems) + ")")
     root = (saved.get("git") or {}).get("root")
-    now = capture_metadata(repo=root if isinstance(root, str) and os.path.isdir(root) else None)
+    # the run's repository if it is here, else the current directory (not hardtrain's own)
+    now = capture_metadata(repo=root if isinstance(root, str) and os.path.isdir(root) else ".")
     # The job sets these itself (fit compares them on resume); this one process cannot know
     # them, nor the ranks' devices and the world size.
     for key in ("config", "determinism", "world"):
@@ -234,6 +235,8 @@ def _metadata(run_dir: str | None, step: int | None, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps([c.as_json() for c in changes], indent=1))
     else:
+        for problem in problems:
+            print(f"skipped {problem}")
         print(f"step {step} of {run_dir} against this environment:")
         _print_changes("breaks bit-exactness", breaking)
         _print_changes("other differences", [c for c in changes if not c.breaks_exactness])

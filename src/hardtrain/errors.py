@@ -78,8 +78,10 @@ class CheckpointMismatchError(CheckpointError, ValueError):
 class EnvironmentChangedError(CheckpointMismatchError):
     """Something that breaks bit-exactness (torch or CUDA version, world size, GPU model,
     determinism flags, NCCL_ALGO, the code, the config) differs from the checkpoint's
-    ``run.json``, and ``MetadataPolicy(on_change="refuse")`` asked not to resume then.
-    Raised before anything is loaded. ``changes``: the ``MetadataChange`` list."""
+    ``run.json``, or the checkpoint has no readable ``run.json``, and
+    ``MetadataPolicy(on_change="refuse")`` asked not to resume then. Raised before
+    anything goes into the model, optimizer or data. ``changes``: the ``MetadataChange``
+    list (empty when there was nothing to compare with)."""
 
     runbook = ENVIRONMENT_RUNBOOK
 

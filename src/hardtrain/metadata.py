@@ -67,8 +67,8 @@ _ENV_NAMES = frozenset({
     "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
     "MASTER_ADDR", "MASTER_PORT", "PYTHONHASHSEED", "TOKENIZERS_PARALLELISM",
 })
-# Environment variables whose change breaks bit-exactness (NCCL_* counts as a whole).
-# (CUBLAS_WORKSPACE_CONFIG is under determinism; the GPU each rank uses, under world.devices.)
+# Environment variables whose change breaks bit-exactness (CUBLAS_WORKSPACE_CONFIG is
+# under determinism; which GPU each rank uses, under world.devices).
 _EXACTNESS_ENV = frozenset({
     "NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "OMP_NUM_THREADS",
     "MKL_NUM_THREADS", "MKL_CBWR", "PYTHONHASHSEED",
@@ -85,11 +85,13 @@ class MetadataPolicy:
 
     on_change: "warn" (a warning, a log line and an ``environment_changed`` event naming
         every old and new value, then the resume goes on) or "refuse" (raise
-        ``ht.EnvironmentChangedError`` before anything is loaded) when something that
-        breaks bit-exactness changed since the checkpoint: torch/CUDA/cuDNN/NCCL/Python
-        versions, world size, GPU models, determinism flags, numerics environment
-        variables (NCCL_ALGO, CUBLAS_WORKSPACE_CONFIG, OMP_NUM_THREADS, ...), the code
-        (git commit or uncommitted diff) or the config (each changed key named).
+        ``ht.EnvironmentChangedError`` before anything goes into the model, optimizer or
+        data) when something that breaks bit-exactness changed since the checkpoint:
+        torch/CUDA/cuDNN/NCCL/Python versions, world size, each rank's GPU (or the GPU or
+        CPU model), determinism flags (CUBLAS_WORKSPACE_CONFIG included), numerics
+        environment variables (NCCL_ALGO, OMP_NUM_THREADS, ...), the code (git commit or
+        uncommitted diff) or the config (each changed key named). "refuse" also refuses a
+        checkpoint whose run.json is missing or unreadable: nothing vouches for it.
     repo: a folder inside the git repository to describe; None: the training script's
         folder (``sys.argv[0]``), or the current directory when there is no script file.
     """
@@ -281,13 +283,19 @@ def _exactness_view(metadata: Mapping[str, Any]) -> dict[str, Any]:
         if k in ("torch", "cuda", "cudnn", "nccl", "hip", "python", "numpy", "hardtrain")
     }
     view["world.world_size"] = _get(metadata, "world.world_size")
-    # a probe that could not run is not a value: compared, it would always "change"
-    view["hardware.gpus.models"] = UNKNOWN if _get(metadata, "hardware.gpus.available") is \
-        not True else sorted(str(g.get("name")) for g in _get(metadata, "hardware.gpus.devices"))
     devices = [r.get("device") for r in _get(metadata, "world.ranks") or []]
-    view["world.devices"] = devices
-    if not any(devices):  # CPU training: the CPU's kernels (AVX-512 or not) decide the numbers
-        view["hardware.cpu.model"] = _get(metadata, "hardware.cpu.model") or UNKNOWN
+    view["world.devices"] = devices  # each rank's GPU: what the job computes on
+    # Without CUDA in use yet: the GPUs NVML lists, or (none) the CPU, whose kernels
+    # (AVX-512 or not) decide the numbers. UNKNOWN where not compared, or where the probe
+    # could not run: compared, it would always "change".
+    gpus = _get(metadata, "hardware.gpus")
+    models: Any = UNKNOWN
+    if not any(devices) and isinstance(gpus, Mapping) and gpus.get("available") is True:
+        models = sorted(str(g.get("name")) for g in gpus.get("devices") or [])
+    view["hardware.gpus.models"] = models
+    cpu_counts = not any(devices) and (models == UNKNOWN or not models)
+    view["hardware.cpu.model"] = (_get(metadata, "hardware.cpu.model") or UNKNOWN) \
+        if cpu_counts else UNKNOWN
     view.update({"determinism." + k: v for k, v in (metadata.get("determinism") or {}).items()
                  if k != "seed"})  # the seed only acts at a fresh start
     env = metadata.get("env") or {}

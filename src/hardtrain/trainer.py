@@ -397,7 +397,8 @@ class HardenedTrainer:
             except FileNotFoundError:
                 found["missing"] = f"the checkpoint has no {METADATA_FILE}"
             except Exception as e:  # every rank must hear of it, not only rank 0
-                found["missing"] = f"its {METADATA_FILE} is unreadable ({type(e).__name__}: {e})"
+                found["missing"] = (f"its {METADATA_FILE} could not be read or compared "
+                                    f"({type(e).__name__}: {e})")
         if run.group is not None:
             found = _dist.all_gather_json(found, run.group)[0]
         refuse = self.metadata.on_change == "refuse"
@@ -410,7 +411,8 @@ class HardenedTrainer:
                 raise EnvironmentChangedError(
                     f"{path}: {found['missing']}, so nothing shows the environment it was "
                     "written in, and MetadataPolicy(on_change='refuse') asked not to resume "
-                    "then. Nothing was loaded into the model, optimizer or data. Pass "
+                    "then. Nothing was loaded into the model, optimizer or data, and the "
+                    "checkpoints are untouched. Pass "
                     "MetadataPolicy(on_change='warn') to resume anyway.")
             return
         changes = [MetadataChange(**c) for c in found["changes"]]
@@ -669,7 +671,7 @@ class HardenedTrainer:
         self._num_rollbacks = saved.get("num_rollbacks", 0)
         warning = self._cursor.restore(unflatten(saved["data"], tensors))
         if warning is not None:
-            warnings.warn(warning, stacklevel=4)
+            warnings.warn(scrub(warning), stacklevel=4)
             logger.warning("rank=%d %s", _dist.rank_and_world_size()[0], scrub(warning))
         self._restore_rng(unflatten(saved["rng"], tensors))  # last: the data moved them
 
