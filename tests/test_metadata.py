@@ -20,28 +20,17 @@ import hardtrain as ht
 import hardtrain.metadata as metadata_module
 from hardtrain._redact import REDACTED, is_secret_name, redact, redact_text
 from hardtrain.metadata import DIFF_FILE, METADATA_FILE, metadata_changes, metadata_files
+from tests.gitrepo import git, new_repo
 
 GITHUB_TOKEN = "ghp_" + "a1B2c3D4e5" * 4
 HF_TOKEN = "hf_" + "Zy9Xw8Vu7T" * 4
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
-                          text=True).stdout.strip()
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A repository with one commit, a credentialed remote, and a dirty tree: an unstaged
     change, a staged new file and an untracked file."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.email", "t@example.com")
-    git(root, "config", "user.name", "t")
-    (root / "train.py").write_text("lr = 0.1\n")
-    git(root, "add", "train.py")
-    git(root, "commit", "-q", "-m", "first")
+    root = new_repo(tmp_path / "repo")
     git(root, "remote", "add", "origin", f"https://alice:{GITHUB_TOKEN}@github.com/org/repo.git")
     # lines with secret-looking words that are code: the patch must still apply
     (root / "train.py").write_text("lr = 0.2\nbest = sorted(xs, key=len)\n"

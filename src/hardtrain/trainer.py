@@ -11,7 +11,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 _FORMAT = 1
 _STATE_KEY = "hardtrain"
 StepFn = Callable[[Any], Any]
+_P = TypeVar("_P")
 _DEFAULT_CHECKPOINT = CheckpointPolicy()
 _DEFAULT_PREEMPTION = PreemptionPolicy()
 _DEFAULT_NAN = NanPolicy()
@@ -181,18 +182,10 @@ class HardenedTrainer:
                     and callable(getattr(obj, "load_state_dict", None))):
                 raise TypeError(f"{label}={type(obj).__name__}: needs state_dict() and "
                                 "load_state_dict() to be saved and restored")
-        if checkpoint is not None and not isinstance(checkpoint, CheckpointPolicy):
-            raise TypeError(f"checkpoint={checkpoint!r}: expected ht.CheckpointPolicy or None")
-        self.checkpoint = checkpoint
-        if preemption is not None and not isinstance(preemption, PreemptionPolicy):
-            raise TypeError(f"preemption={preemption!r}: expected ht.PreemptionPolicy or None")
-        self.preemption = preemption
-        if nan is not None and not isinstance(nan, NanPolicy):
-            raise TypeError(f"nan={nan!r}: expected ht.NanPolicy or None")
-        self.nan = nan
-        if metadata is not None and not isinstance(metadata, MetadataPolicy):
-            raise TypeError(f"metadata={metadata!r}: expected ht.MetadataPolicy or None")
-        self.metadata = metadata
+        self.checkpoint = _policy(checkpoint, CheckpointPolicy, "checkpoint")
+        self.preemption = _policy(preemption, PreemptionPolicy, "preemption")
+        self.nan = _policy(nan, NanPolicy, "nan")
+        self.metadata = _policy(metadata, MetadataPolicy, "metadata")
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32
         ):
@@ -722,6 +715,12 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
         norm: torch.Tensor = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         return norm
     return torch.nn.utils.get_total_norm(grads)
+
+
+def _policy(value: _P | None, kind: type[_P], name: str) -> _P | None:
+    if value is not None and not isinstance(value, kind):
+        raise TypeError(f"{name}={value!r}: expected ht.{kind.__name__} or None")
+    return value
 
 
 def _named(value: Any, what: str, kind: type | None) -> dict[str, Any]:

@@ -4,7 +4,6 @@ compares the environment on resume."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import hardtrain as ht
+from tests.gitrepo import git, new_repo
 
 SECRETS = {
     "HF_TOKEN": "hf_" + "Qw3Er5Ty7U" * 4,
@@ -21,11 +21,6 @@ SECRETS = {
     "MY_SERVICE_PASSWORD": "correct-horse-battery",
 }
 CONFIG_SECRET = "cfg-secret-value-42"
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def make(run_dir: Path, config: Any = None, **kwargs: Any) -> tuple[ht.HardenedTrainer, Any]:
@@ -42,15 +37,7 @@ def make(run_dir: Path, config: Any = None, **kwargs: Any) -> tuple[ht.HardenedT
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    root.mkdir()
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.email", "t@example.com")
-    git(root, "config", "user.name", "t")
-    (root / "train.py").write_text("lr = 0.1\n")
-    git(root, "add", "train.py")
-    git(root, "commit", "-q", "-m", "first")
-    return root
+    return new_repo(tmp_path / "repo")
 
 
 def test_every_checkpoint_holds_the_run_metadata(tmp_path: Path, repo: Path) -> None:
