@@ -189,9 +189,7 @@ def _walk(value: Any, known: set[str], level: int, depth: int) -> Any:
     if isinstance(value, bytes | bytearray):
         value = bytes(value).decode("utf-8", "replace")
     if isinstance(value, str):
-        if level == STRONG or (level == WEAK and looks_secret(value)):
-            return REDACTED
-        return redact_text(value, known)
+        return REDACTED if _cut_under(level, value) else redact_text(value, known)
     items = as_mapping(value)
     if items is not None:
         return {str(k): _walk(v, known, max(level, secrecy(str(k))), depth + 1)
@@ -203,23 +201,28 @@ def _walk(value: Any, known: set[str], level: int, depth: int) -> Any:
     return _walk(_ADDRESS.sub("", str(value)), known, level, depth + 1)
 
 
+def _cut_under(level: int, text: str) -> bool:
+    """Is a string under a name of this secrecy cut? Strong: always; weak: if it looks
+    like a credential."""
+    return level == STRONG or (level == WEAK and looks_secret(text))
+
+
 def secret_values(value: Any) -> set[str]:
     """The strings in ``value`` (a config) that ``redact`` would cut for their key: to be
     cut wherever else they turn up (a config file's diff, the command line)."""
     found: set[str] = set()
 
     def collect(node: Any, level: int, depth: int) -> None:
-        items = as_mapping(node)
         if depth > 64:
             return
+        items = as_mapping(node)
         if items is not None:
             for key, item in items.items():
                 collect(item, max(level, secrecy(str(key))), depth + 1)
         elif isinstance(node, list | tuple | set | frozenset):
             for item in node:
                 collect(item, level, depth + 1)
-        elif isinstance(node, str) and len(node) >= _MIN_KNOWN_LEN and (
-                level == STRONG or (level == WEAK and looks_secret(node))):
+        elif isinstance(node, str) and len(node) >= _MIN_KNOWN_LEN and _cut_under(level, node):
             found.add(node)
 
     collect(value, NOT_SECRET, 0)

@@ -8,8 +8,8 @@
 RUN_DIR is a local path or an fsspec URL (s3://bucket/run). Exit codes of ls and verify:
 0 all good, 1 something failed verification, 2 bad usage or nothing to look at. metadata
 without RUN_DIR prints this environment's run metadata as JSON; with one, what differs
-from its newest verified checkpoint's run.json: 0 nothing that breaks bit-exactness, 1
-something that does, 2 bad usage or no run.json. Those of torture: see
+from the run.json of its newest committed checkpoint that has a readable one: 0 nothing
+that breaks bit-exactness, 1 something that does, 2 bad usage or no run.json. Those of torture: see
 ``hardtrain torture --help`` (``hardtrain.torture``).
 """
 
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metadata", help="this environment's run metadata, or its differences from a run's")
     metadata.add_argument("run_dir", nargs="?", help="compare with this run's checkpoint")
     metadata.add_argument("--step", type=int, help="that checkpoint (default: the newest "
-                          "verified one)")
+                          "committed one with a readable run.json)")
     metadata.add_argument("--json", action="store_true", help="print the differences as JSON")
     _add_torture(commands)
     # Everything after the first "--" is torture's command, split off here: argparse's

@@ -73,6 +73,8 @@ _EXACTNESS_ENV = frozenset({
     "NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "OMP_NUM_THREADS",
     "MKL_NUM_THREADS", "MKL_CBWR", "PYTHONHASHSEED",
 })
+_INFORMATIONAL = ("determinism.seed", "git.branch", "git.remote", "hardware.gpus.driver",
+                  "hardware.memory_bytes")  # reported when they differ, never breaking
 _EXACTNESS_NCCL = ("NCCL_ALGO", "NCCL_PROTO", "NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS",
                    "NCCL_NTHREADS", "NCCL_BUFFSIZE", "NCCL_CROSS_NIC", "NCCL_COLLNET_ENABLE",
                    "NCCL_NVLS_ENABLE", "NCCL_TREE_THRESHOLD", "NCCL_LL_THRESHOLD")
@@ -245,8 +247,9 @@ def metadata_files(metadata: Mapping[str, Any]) -> dict[str, bytes]:
 
 def metadata_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[MetadataChange]:
     """What differs between two captures (``old`` from a checkpoint, ``new`` from now):
-    every field that differs, those that break bit-exactness first. Times, process ids,
-    host names and GPU serial numbers are expected to differ and are left out."""
+    every field that differs, those that break bit-exactness first, then informational
+    ones (seed, branch, remote, driver, memory, the ranks' hosts, packages). Times,
+    process ids, the command and GPU serial numbers are expected to differ: left out."""
     changes = []
     flat_old, flat_new = _exactness_view(old), _exactness_view(new)
     for key in sorted(flat_old.keys() | flat_new.keys()):
@@ -254,22 +257,13 @@ def metadata_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Met
         if not _same(before, after):  # unknown on one side: shown, but not counted
             changes.append(MetadataChange(key, before, after, UNKNOWN not in (before, after)))
     changes.sort(key=lambda c: not c.breaks_exactness)
-    informational = {
-        "determinism.seed": (_get(old, "determinism.seed"), _get(new, "determinism.seed")),
-        "git.branch": (_get(old, "git.branch"), _get(new, "git.branch")),
-        "git.remote": (_get(old, "git.remote"), _get(new, "git.remote")),
-        "hardware.gpus.driver": (_get(old, "hardware.gpus.driver"),
-                                 _get(new, "hardware.gpus.driver")),
-        "hardware.memory_bytes": (_get(old, "hardware.memory_bytes"),
-                                  _get(new, "hardware.memory_bytes")),
-        "world.hosts": (_hosts(old), _hosts(new)),
-    }
-    for name in sorted(set(old.get("packages") or {}) | set(new.get("packages") or {})):
-        informational[f"packages.{name}"] = ((old.get("packages") or {}).get(name),
-                                             (new.get("packages") or {}).get(name))
-    for key, (before, after) in informational.items():
-        if not _same(before, after) and key not in flat_old and key not in flat_new:
-            changes.append(MetadataChange(key, before, after, False))
+    informational = {key: (_get(old, key), _get(new, key)) for key in _INFORMATIONAL}
+    informational["world.hosts"] = (_hosts(old), _hosts(new))
+    old_packages, new_packages = old.get("packages") or {}, new.get("packages") or {}
+    for name in sorted(old_packages.keys() | new_packages.keys()):
+        informational[f"packages.{name}"] = (old_packages.get(name), new_packages.get(name))
+    changes += [MetadataChange(key, before, after, False)
+                for key, (before, after) in informational.items() if not _same(before, after)]
     return changes
 
 

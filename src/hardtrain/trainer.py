@@ -587,7 +587,7 @@ class HardenedTrainer:
                  f"the newest checkpoint is {last.path}" if last is not None else
                  "there is no checkpoint")
         message = scrub(f"stopped at step {self.step} on {signal_name(signum)}; {where}. "
-                              f"Exit code {code}: start the same command again to continue.")
+                        f"Exit code {code}: start the same command again to continue.")
         logger.warning("rank=%d %s", run.rank, message)
         raise Preempted(code, message, step=self.step, signal=signal_name(signum),
                         checkpoint=last, saved=saved)
@@ -664,8 +664,9 @@ class HardenedTrainer:
         self._num_rollbacks = saved.get("num_rollbacks", 0)
         warning = self._cursor.restore(unflatten(saved["data"], tensors))
         if warning is not None:
-            warnings.warn(scrub(warning), stacklevel=4)
-            logger.warning("rank=%d %s", _dist.rank_and_world_size()[0], scrub(warning))
+            warning = scrub(warning)
+            warnings.warn(warning, stacklevel=4)
+            logger.warning("rank=%d %s", _dist.rank_and_world_size()[0], warning)
         self._restore_rng(unflatten(saved["rng"], tensors))  # last: the data moved them
 
     def _capture_rng(self) -> dict[str, Any]:

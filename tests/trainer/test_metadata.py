@@ -161,7 +161,7 @@ def test_metadata_none_writes_no_run_json(tmp_path: Path) -> None:
     assert ht.CheckpointStore(tmp_path / "run").read_file(4, "run.json")
 
 
-def test_no_checkpoints_no_metadata(tmp_path: Path) -> None:
+def test_without_checkpoints_it_trains_and_writes_no_metadata(tmp_path: Path) -> None:
     trainer, step_fn = make(tmp_path / "run", metadata=ht.MetadataPolicy(on_change="refuse"))
     trainer.checkpoint = None
     trainer.fit(step_fn, max_steps=2)

@@ -286,7 +286,7 @@ class CheckpointStore:
                     f"step {step} not saved on any rank: " + "; ".join(problems)
                     + "; nothing was written and earlier checkpoints are untouched."
                 )
-        return _Job(step, staged, state_json, time.perf_counter() - started, dict(files or {}))
+        return _Job(step, staged, state_json, time.perf_counter() - started, files or {})
 
     def _clear_way(self, step: int) -> None:
         """Refuse to replace a committed checkpoint that verifies; set a damaged one aside
@@ -546,12 +546,12 @@ class CheckpointStore:
             raise FileNotFoundError(f"{folder} holds no {name} (its manifest does not name it)")
         data = b""
 
-        def keep(view: memoryview) -> str | None:
+        def read(view: memoryview) -> str | None:
             nonlocal data
             data = bytes(view)
             return compare_digests(digest_of(data), entry.digest, manifest.chunk_bytes)
 
-        problem = self._check_file(step, entry, manifest.chunk_bytes, keep)
+        problem = self._check_file(step, entry, manifest.chunk_bytes, read)
         if problem is not None:
             raise CheckpointCorruptError(f"{folder}: {problem}")
         return data
