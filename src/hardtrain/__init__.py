@@ -3,6 +3,7 @@
 Importing hardtrain has no side effects: no handlers, no logging set-up, no env reads.
 """
 
+from hardtrain._version import __version__
 from hardtrain.checkpoint import (
     CheckpointFallbackWarning,
     CheckpointInfo,
@@ -34,8 +35,6 @@ from hardtrain.numerics import NanPolicy
 from hardtrain.preemption import PreemptionGuard, PreemptionPolicy
 from hardtrain.telemetry import EventLog
 from hardtrain.trainer import FitResult, HardenedTrainer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointCorruptError",

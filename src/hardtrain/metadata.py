@@ -38,6 +38,7 @@ from hardtrain._redact import (
     redact_argv,
     secret_values,
 )
+from hardtrain._version import __version__
 from hardtrain.determinism import determinism_flags
 
 __all__ = [
@@ -159,13 +160,9 @@ def capture_metadata(
     it as its own file). Parts that cannot be read hold ``{"available": False, "reason":
     ...}``; capturing never raises for them.
     """
-    if not _dist.is_distributed():
-        return capture(config, seed=seed, repo=repo, nvml=nvml, group=None)
-    group = _dist.new_cpu_group()  # the default group may be NCCL, which needs GPU tensors
-    try:
-        return capture(config, seed=seed, repo=repo, nvml=nvml, group=group)
-    finally:
-        _dist.destroy_group(group)
+    # the control group: the default group may be NCCL, which needs GPU tensors
+    return capture(config, seed=seed, repo=repo, nvml=nvml,
+                   group=_dist.groups.get(_dist.CONTROL))
 
 
 def capture(
@@ -184,7 +181,7 @@ def capture(
     me = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
           "local_rank": _int_or_none(os.environ.get("LOCAL_RANK")), "device": _device()}
     world = {"world_size": world_size,
-             "ranks": _dist.all_gather_json(me, group) if world_size > 1 else [me]}
+             "ranks": _dist.all_gather_json(me, group)}
     if not full:
         return {"format": FORMAT, "world": world}
     known = known_secrets()
@@ -378,8 +375,6 @@ def _remote(repository: Any) -> str | None:
 
 
 def _versions() -> dict[str, Any]:
-    from hardtrain import __version__
-
     nccl = None
     with contextlib.suppress(Exception):  # not built with NCCL (CPU builds)
         version = torch.cuda.nccl.version()  # type: ignore[no-untyped-call]

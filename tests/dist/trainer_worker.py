@@ -4,6 +4,9 @@ Every rank appends its own per-step losses to RESULTS/rank<R>.jsonl. --kill-rank
 --kill-at K SIGKILLs rank R inside step K+1 (torchrun then stops the other rank), only in
 torchrun's first attempt with --first-attempt-only. --term-rank R --term-at K sends rank R
 SIGTERM inside step K+1. --nan-rank R --nan-at K gives rank R a NaN loss once, in step K+1.
+--stop-file PATH --stop-rank R --stop-at K: the trainer has the example StopFile feature
+(tests/features/stop_file.py) watching PATH ({rank}: each rank its own), and rank R
+creates its file in step K+1.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import hardtrain as ht
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: tests.*
+from tests.features.stop_file import StopFileTrainer  # noqa: E402
 
 
 def main() -> None:
@@ -35,6 +42,9 @@ def main() -> None:
     parser.add_argument("--nan-rank", type=int, default=None)
     parser.add_argument("--nan-at", type=int, default=None)
     parser.add_argument("--deep", action="store_true", help="6 layers in 3 small DDP buckets")
+    parser.add_argument("--stop-file", default=None)
+    parser.add_argument("--stop-rank", type=int, default=None)
+    parser.add_argument("--stop-at", type=int, default=None)
     args = parser.parse_args()
 
     distributed = "RANK" in os.environ
@@ -56,8 +66,9 @@ def main() -> None:
     dataset = TensorDataset(torch.randn(48, 6, generator=g), torch.randn(48, 1, generator=g))
     sampler = DistributedSampler(dataset, shuffle=True, seed=11) if distributed else None
     data = DataLoader(dataset, batch_size=4, sampler=sampler, shuffle=sampler is None)
-    trainer = ht.HardenedTrainer(
-        ddp, optimizer, data, args.run_dir, scheduler=scheduler, seed=100 + rank,
+    extra = {} if args.stop_file is None else {"stop_file": args.stop_file}
+    trainer = (ht.HardenedTrainer if args.stop_file is None else StopFileTrainer)(
+        ddp, optimizer, data, args.run_dir, scheduler=scheduler, seed=100 + rank, **extra,
         checkpoint=ht.CheckpointPolicy(every=None, every_steps=3, keep_last=2),
         metadata=ht.MetadataPolicy(repo=args.run_dir),  # not the checkout: edits would show
     )
@@ -70,6 +81,8 @@ def main() -> None:
     def step_fn(batch: list[torch.Tensor]) -> torch.Tensor:
         if kill and rank == args.kill_rank and trainer.step == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if rank == args.stop_rank and trainer.step == args.stop_at:
+            Path(args.stop_file.format(rank=rank)).touch()
         if rank == args.term_rank and trainer.step == args.term_at:
             os.kill(os.getpid(), signal.SIGTERM)
         x, y = batch

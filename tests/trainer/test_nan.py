@@ -108,7 +108,7 @@ def test_a_restart_after_a_rollback_keeps_the_skip_list(tmp_path: Path) -> None:
     assert skip_list(tmp_path / "b") == [[0, i] for i in range(10, 15)]
     restarted, step = job(tmp_path / "b", batches(poisoned))
     assert restarted.fit(step, max_steps=30).resumed_from == 17
-    assert restarted._cursor.skip == {(0, i) for i in range(10, 15)}
+    assert restarted._state.cursor.skip == {(0, i) for i in range(10, 15)}
     assert skip_list(tmp_path / "b") == [[0, i] for i in range(10, 15)]
     assert len(events(tmp_path / "b", "rolled_back")) == 1
     assert_same_run(tmp_path / "a", tmp_path / "b")

@@ -126,7 +126,7 @@ def test_checkpoint_from_other_cuda_devices_is_a_mismatch(
     def with_two_gpus(generators: Any) -> dict[str, Any]:
         return {**real(generators), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
 
-    monkeypatch.setattr("hardtrain.trainer.capture_rng", with_two_gpus)
+    monkeypatch.setattr("hardtrain._loop.state.capture_rng", with_two_gpus)
     trainer, step = make(tmp_path)
     trainer.fit(step, max_steps=4)
     monkeypatch.undo()

@@ -1,0 +1,72 @@
+"""Where a store's checkpoints lie, and what this run has learned about them.
+
+The parts of the store (writing, loading, verifying, retention) share one ``Place``;
+nothing here is collective except ``Place.group``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hardtrain import _dist
+from hardtrain.checkpoint._format import (
+    MANIFEST,
+    Manifest,
+    ManifestError,
+    decode_manifest,
+    parse_step_dir,
+    step_dir_name,
+)
+from hardtrain.checkpoint._storage import Storage
+from hardtrain.telemetry import EventSink
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Place:
+    """One store's checkpoints under ``root``, read and written through ``storage``."""
+
+    root: str
+    storage: Storage
+    events: EventSink
+    keep_last: int | None
+    rejected: dict[int, str] = field(default_factory=dict)  # step: why it failed to verify
+
+    def folder(self, step: int) -> str:
+        """``step``'s folder relative to the root, as ``storage`` takes it."""
+        return f"{CHECKPOINTS}/{step_dir_name(step)}"
+
+    def location(self, relative: str) -> str:
+        """``relative`` under the root as the caller gave it: for messages and infos."""
+        return f"{self.root.rstrip('/')}/{relative}"
+
+    def path(self, step: int) -> str:
+        return self.location(self.folder(step))
+
+    def group(self) -> Any:
+        """The store's gloo group; None with a single process. Collective on first use:
+        call it only where every rank is."""
+        return _dist.groups.get(f"checkpoint:{self.root}")
+
+    def steps(self) -> list[int]:
+        """The steps that have a folder, committed or not, oldest first."""
+        names = self.storage.listdir(CHECKPOINTS) or []
+        return sorted(s for s in map(parse_step_dir, names) if s is not None)
+
+    def manifest_exists(self, step: int) -> bool:
+        return self.storage.size(f"{self.folder(step)}/{MANIFEST}") is not None
+
+    def read_manifest(self, step: int) -> Manifest:
+        """FileNotFoundError: ``step`` is not committed. ManifestError: its manifest is
+        damaged or unreadable."""
+        path = f"{self.folder(step)}/{MANIFEST}"
+        if self.storage.size(path) is None:
+            raise FileNotFoundError(path)
+        try:
+            with self.storage.read(path) as view:
+                data = bytes(view)
+        except OSError as e:
+            raise ManifestError(f"unreadable ({type(e).__name__}: {e})") from None
+        return decode_manifest(data, step)

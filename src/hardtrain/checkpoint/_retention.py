@@ -1,0 +1,106 @@
+"""Listing the checkpoints, finding the newest good one, and deleting what is not kept.
+Not collective: retention runs on rank 0 after a commit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from hardtrain.checkpoint._format import (
+    LOADABLE_SUFFIXES,
+    MANIFEST,
+    TEXT_SUFFIXES,
+    ManifestError,
+    is_tmp_name,
+)
+from hardtrain.checkpoint._place import Place
+from hardtrain.checkpoint._reports import CheckpointInfo
+from hardtrain.checkpoint._verify import reject, verify
+
+
+def list_checkpoints(place: Place, include_uncommitted: bool) -> list[CheckpointInfo]:
+    """Committed checkpoints (and, if asked, uncommitted folders), oldest first, as their
+    manifests describe them."""
+    infos = []
+    for step in place.steps():
+        path = place.path(step)
+        try:
+            manifest = place.read_manifest(step)
+        except FileNotFoundError:
+            if include_uncommitted:
+                infos.append(CheckpointInfo(step, path, committed=False))
+            continue
+        except ManifestError as e:
+            infos.append(CheckpointInfo(step, path, True, problem=f"{MANIFEST} {e}"))
+            continue
+        infos.append(
+            CheckpointInfo(
+                step, path, True, manifest.created, manifest.num_bytes, manifest.world_size
+            )
+        )
+    return infos
+
+
+def latest(place: Place) -> CheckpointInfo | None:
+    """The newest committed checkpoint that verifies, or None; damaged ones on the way
+    are rejected."""
+    for info in reversed(list_checkpoints(place, False)):
+        if info.step in place.rejected:
+            continue
+        report = verify(place, info.step)
+        if report.ok:
+            return info
+        reject(place, info.step, report.problems, report.problems[0].file)
+    return None
+
+
+def clean_up(place: Place, step: int, committed: set[str]) -> None:
+    """After ``step`` was committed: the store's temporary files and files of an earlier,
+    crashed attempt at it that the manifest does not name, then retention.
+    Housekeeping never fails a committed save; a failure is an event."""
+    try:
+        _remove_stale(place, place.folder(step), keep=committed)
+        _prune(place, step)
+    except Exception as e:
+        place.events.record(
+            "checkpoint_prune_failed", level=logging.WARNING, step=step,
+            error=f"{type(e).__name__}: {e}",
+        )
+
+
+def _prune(place: Place, newest: int) -> None:
+    """Delete old checkpoints beyond ``keep_last``, after ``newest`` was committed.
+
+    Never touches ``newest`` or anything newer; known-bad checkpoints do not count
+    towards ``keep_last``. A folder is uncommitted (manifest removed) before its files
+    go, so a crash mid-prune leaves nothing that loads half.
+    """
+    older = [s for s in place.steps() if s < newest]
+    keep: set[int] = set()
+    if place.keep_last is None:
+        prunable = [s for s in older if not place.manifest_exists(s)]
+    else:
+        good = [s for s in older if s not in place.rejected and place.manifest_exists(s)]
+        if place.keep_last > 1:
+            keep = set(good[-(place.keep_last - 1) :])
+        prunable = [s for s in older if s not in keep]
+    for step in prunable:
+        folder = place.folder(step)
+        if place.manifest_exists(step):  # every name a manifest may hold ends as ours do
+            place.storage.remove(f"{folder}/{MANIFEST}")
+            place.storage.sync_dir(folder)
+            place.events.record("checkpoint_pruned", step=step)
+        _remove_stale(place, folder, keep=set())
+        place.storage.rmdir(folder)
+
+
+def _remove_stale(place: Place, folder: str, *, keep: set[str] | None = None) -> None:
+    """Remove the store's temporary files in ``folder``; with ``keep``, also every file
+    the store may have written there (rank files, extra files) that ``keep`` does not
+    name: the whole folder when pruning (``keep`` empty), leftovers of a crashed
+    attempt after a commit. The manifest and foreign files stay."""
+    for name in place.storage.listdir(folder) or []:
+        ours = name != MANIFEST and name.endswith(LOADABLE_SUFFIXES + TEXT_SUFFIXES)
+        if is_tmp_name(name) or (keep is not None and ours and name not in keep):
+            with contextlib.suppress(FileNotFoundError):
+                place.storage.remove(f"{folder}/{name}")
