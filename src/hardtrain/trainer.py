@@ -2,7 +2,7 @@
 
 The loop is a composition of features (``hardtrain._features``), each joining it through
 one protocol (``hardtrain._loop.protocol``); this module only validates, builds the
-features a policy turns on (``_features_for``: the table), and runs ``fit``.
+features a policy turns on (``_features``: the table), and runs ``fit``.
 """
 
 from __future__ import annotations

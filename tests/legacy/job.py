@@ -121,11 +121,3 @@ def build(run_dir: str | os.PathLike[str], *,
     return Job(model, optimizer, scheduler, attempts, data, trainer)
 
 
-def losses(run_dir: str | os.PathLike[str]) -> dict[int, float]:
-    """step -> loss in run_dir/metrics.jsonl, the last line written for each step."""
-    found: dict[int, float] = {}
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            entry = json.loads(line)
-            found[entry["step"]] = entry["loss"]
-    return found

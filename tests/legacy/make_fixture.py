@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 
 import hardtrain as ht
 from tests.legacy import job
+from tests.trainer import compare
 
 
 def _check_code() -> Path:
@@ -80,7 +81,7 @@ def main() -> None:
         assert result.resumed_from == job.SAVED_STEP and result.step == job.FINAL_STEP, result
         for w in seen:
             print(f"continuation warned: {w.category.__name__}: {w.message}")
-        losses = job.losses(copy)
+        losses = compare.losses(copy)
         tensors = again.final_tensors()
         expected = {
             "revision": job.REVISION,

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import hardtrain as ht
 from tests.legacy import job
+from tests.trainer import compare
 
 
 def test_checkpoint_from_e5e9604_resumes_exactly(tmp_path: Path) -> None:
@@ -43,7 +44,7 @@ def test_checkpoint_from_e5e9604_resumes_exactly(tmp_path: Path) -> None:
     assert result.step == job.FINAL_STEP, result
     assert result.num_steps == job.FINAL_STEP - job.SAVED_STEP, result
 
-    losses = job.losses(run_dir)
+    losses = compare.losses(run_dir)
     for step in range(job.SAVED_STEP + 1, job.FINAL_STEP + 1):
         want = expected["losses"][str(step)]
         assert losses.get(step) == want, f"step {step}: loss {losses.get(step)!r} != {want!r}"

@@ -49,6 +49,12 @@ def losses(run_dir: str | os.PathLike[str]) -> dict[int, float]:
     return found
 
 
+def events(run_dir: str | os.PathLike[str], name: str) -> list[dict[str, Any]]:
+    """The ``name`` events in run_dir/events.jsonl, in the order they were written."""
+    with open(os.path.join(run_dir, "events.jsonl"), encoding="utf-8") as f:
+        return [e for e in map(json.loads, f) if e["event"] == name]
+
+
 def final_state(run_dir: str | os.PathLike[str], rank: int = 0) -> ht.LoadedCheckpoint:
     return ht.CheckpointStore(run_dir).load(rank=rank)
 

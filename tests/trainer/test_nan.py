@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hardtrain as ht
-from tests.trainer.compare import assert_same_run
+from tests.trainer.compare import assert_same_run, events
 
 POISON = float("nan")
 
@@ -51,11 +51,6 @@ def job(run_dir: Path, data: Any, *, nan: ht.NanPolicy | None = None, every: int
         return torch.nn.functional.mse_loss(model(x), y)
 
     return trainer, step_fn
-
-
-def events(run_dir: Path, name: str) -> list[dict[str, Any]]:
-    lines = (run_dir / "events.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == name]
 
 
 def test_one_nan_step_is_skipped_and_changes_no_weight(tmp_path: Path) -> None:

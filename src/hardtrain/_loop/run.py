@@ -112,6 +112,7 @@ class Run:
         """Collective when distributed. Load ``step``'s checkpoint (the newest verified
         if None) into the user's objects and every feature: a rollback, a recovery."""
         assert self.checkpoints is not None, "reload needs checkpointing"
+        self.checkpoints.drain()  # the save in flight commits (or fails) first
         loaded = self.checkpoints.load(step)
         self.state.release_data()  # its worker processes go now, not at garbage collection
         info = CheckpointInfo(loaded.step, loaded.path, True)
