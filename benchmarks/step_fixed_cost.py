@@ -6,7 +6,10 @@ move by more than the few tens of microseconds fit adds. Here the step itself is
 loop, the metrics line, the checkpoint vote, the lr read) stands out. Interleaved runs,
 one torch thread; min and median over repetitions. Usage:
 
-    .venv/bin/python benchmarks/step_fixed_cost.py [--steps 3000] [--repeats 7]
+    .venv/bin/python benchmarks/step_fixed_cost.py [--steps 3000] [--repeats 7] [--json PATH]
+
+``--json PATH`` also writes the figures (see _results.py); the fit row's ratio there is
+fit / plain loop of the same repetition.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from typing import Any
 
 import torch
+from _results import result_row, write_json
 
 import hardtrain as ht
 
@@ -61,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     plains, fits = [], []
@@ -79,6 +84,12 @@ def main() -> None:
         share = added_median / (step_ms * 1000)
         verdict = "PASS" if share <= target else "FAIL"
         print(f"  at {step_ms:g} ms per step: {share:.2%} (target <= {target:.0%}) {verdict}")
+    if args.json:
+        ratios = [f / p for f, p in zip(fits, plains, strict=True)]
+        rows_json = [result_row("plain loop", plains),
+                     result_row("fit, default policy", fits, ratios)]
+        write_json(args.json, "step_fixed_cost", rows_json, steps=args.steps,
+                   repeats=args.repeats, torch_threads=1)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ repetition, then the targets (reported, never enforced):
 
     python benchmarks/step_overhead.py            # full run, 2-5 min on 2 CPU cores
     python benchmarks/step_overhead.py --quick    # smoke run, under 30 s
+    python benchmarks/step_overhead.py --json PATH  # also write the figures (_results.py)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from _results import result_row, write_json
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
@@ -54,6 +56,7 @@ import hardtrain as ht
 # Row names.
 PLAIN = "plain loop"
 FIT = "fit, default policy (every 30min)"
+FIT_NO_NAN = "fit, default policy, nan=None"
 
 DEPTH = 4  # hidden layers of the MLP
 CLASSES = 10
@@ -87,7 +90,7 @@ class Scale:
 
     @property
     def rows(self) -> list[str]:
-        return [PLAIN, FIT, self.every_row]
+        return [PLAIN, FIT, FIT_NO_NAN, self.every_row]
 
     @property
     def every_row(self) -> str:
@@ -188,9 +191,10 @@ def train_plain(work: Workload, step_fn: StepProbe, num_steps: int) -> None:
 
 
 def train_fit(work: Workload, step_fn: StepProbe, num_steps: int, run_dir: str,
-              policy: ht.CheckpointPolicy) -> None:
+              policy: ht.CheckpointPolicy, *, nan: bool = True) -> None:
     trainer = ht.HardenedTrainer(work.model, work.optimizer, work.loader, run_dir,
-                                 scheduler=work.scheduler, checkpoint=policy)
+                                 scheduler=work.scheduler, checkpoint=policy,
+                                 **({} if nan else {"nan": None}))
     result = trainer.fit(step_fn, num_steps)
     if result.num_steps != num_steps:
         raise RuntimeError(f"fit ran {result.num_steps} steps, expected {num_steps}")
@@ -223,7 +227,7 @@ class Bench:
     parent: str  # run_dirs go in here
 
     def policy(self, row: str) -> ht.CheckpointPolicy:
-        if row == FIT:
+        if row in (FIT, FIT_NO_NAN):
             return ht.CheckpointPolicy()
         return ht.CheckpointPolicy(every_steps=self.scale.every_steps, async_save=True)
 
@@ -243,7 +247,8 @@ class Bench:
             if row == PLAIN:
                 train_plain(work, probe, num_steps)
             else:
-                train_fit(work, probe, num_steps, run_dir, self.policy(row))
+                train_fit(work, probe, num_steps, run_dir, self.policy(row),
+                          nan=row != FIT_NO_NAN)
             synchronize(self.device)
             end = time.perf_counter()
         finally:
@@ -327,11 +332,30 @@ class ScaleResult:
     def median(self, row: str, what: Callable[[RunTimes], float] = per_step) -> float:
         return statistics.median(what(r) for r in self.runs[row])
 
+    def ratios(self, row: str) -> list[float]:
+        """Row / plain loop of the same repetition, one per repetition."""
+        pairs = zip(self.runs[row], self.runs[PLAIN], strict=True)
+        return [r.per_step_s / p.per_step_s for r, p in pairs]
+
     def ratio(self, row: str) -> float:
         """Median over repetitions of (row / plain loop of the same repetition): pairs run
         close in time, so a slow drift in the machine's load cancels."""
-        pairs = zip(self.runs[row], self.runs[PLAIN], strict=True)
-        return statistics.median(r.per_step_s / p.per_step_s for r, p in pairs)
+        return statistics.median(self.ratios(row))
+
+    def json_rows(self) -> list[dict[str, object]]:
+        """The rows for ``--json``, named "<scale>: <loop>"; seconds, like RunTimes."""
+        rows = []
+        for row, runs in self.runs.items():
+            syncs = self.syncs.get(row)
+            rows.append(result_row(
+                f"{self.scale.name}: {row}", [r.per_step_s for r in runs],
+                None if row == PLAIN else self.ratios(row),
+                scale=self.scale.name, loop=row, width=self.shape.width, batch=self.shape.batch,
+                median_chunk_s=self.median(row, lambda r: r.median_chunk_s),
+                startup_s=self.median(row, lambda r: r.startup_s),
+                finish_s=self.median(row, lambda r: r.finish_s),
+                cuda_syncs_per_step=None if syncs is None else syncs[0]))
+        return rows
 
 
 def measure_scale(scale: Scale, start: Shape, device: torch.device, repeats: int, parent: str,
@@ -441,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="time budget: after 3 repetitions, no more start past it "
                         "(default: 5, --quick 0.5)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--dir", default=None,
                         help="parent folder for the run_dirs (a temporary folder is made "
                         "inside it and removed at the end); default: the system temp folder")
@@ -485,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
           f"(row / plain loop of the same repetition). Targets are reported, never enforced. "
           f"Load average at the end {load_average()}; total "
           f"{time.perf_counter() - started:.0f} s.")
+    if args.json:
+        write_json(args.json, "step_overhead", [r for res in results for r in res.json_rows()],
+                   device=str(device), torch_threads=torch.get_num_threads(), quick=args.quick,
+                   busy=busy, load_average_end=load_average())
     return 0
 
 

@@ -34,34 +34,43 @@ class Ballot:
             raise ValueError(f"ballot slots {duplicated} are claimed by more than one feature")
         self.slots = tuple(slots)
         self._group = group
-        self._tensor = torch.zeros(len(slots), dtype=torch.int64)
+        self._tensor = torch.zeros(len(slots), dtype=torch.int64)  # allocated once
         self._values = self._tensor.numpy()  # the same memory: writes need no torch call
-        self._signs = [-1 if s.minimum else 1 for s in slots]
-        self._negate = any(s.minimum for s in slots)
+        self._votes = [0] * len(slots)  # this rank's votes, filled in place
+        self._index = {s.name: i for i, s in enumerate(slots)}
+        self._negate = [i for i, s in enumerate(slots) if s.minimum]
         self._skip = [i for i, s in enumerate(slots) if s.effect is Effect.SKIP]
         self._save = [i for i, s in enumerate(slots) if s.effect is Effect.SAVE]
-        self._stop = [i for i, s in enumerate(slots) if s.effect is Effect.STOP]
+        self._stop = [(i, s.name) for i, s in enumerate(slots) if s.effect is Effect.STOP]
 
     def cast(self, report: StepReport | None) -> Verdict:
         """Collective when distributed: every rank must call this at the same point.
         Each feature's vote, then one all-reduce (MAX) of the whole ballot."""
-        values = self._values
+        votes = self._votes
         for feature, offset, count in self._voters:
-            votes = feature.vote(report)
-            if len(votes) != count:
-                raise ValueError(f"{feature.name}.vote gave {len(votes)} values for its "
+            mine = feature.vote(report)
+            if len(mine) != count:
+                raise ValueError(f"{feature.name}.vote gave {len(mine)} values for its "
                                  f"{count} slots")
-            values[offset:offset + count] = votes
-        if self._negate:
-            values *= self._signs
-        _dist.all_reduce_max(self._tensor, self._group)
-        if self._negate:
-            values *= self._signs
-        reduced = values.tolist()
-        stop = next((self.slots[i].name for i in self._stop if reduced[i]), None)
-        return Verdict(
-            skip=any(reduced[i] for i in self._skip),
-            save=any(reduced[i] for i in self._save),
-            stop=stop,
-            values=dict(zip((s.name for s in self.slots), reduced, strict=True)),
-        )
+            votes[offset:offset + count] = mine
+        for i in self._negate:
+            votes[i] = -votes[i]
+        if self._group is not None:
+            self._values[:] = votes
+            _dist.all_reduce_max(self._tensor, self._group)
+            reduced = self._values.tolist()
+        else:
+            reduced = votes[:]
+        for i in self._negate:
+            reduced[i] = -reduced[i]
+        stop = None
+        for i, name in self._stop:
+            if reduced[i]:
+                stop = name
+                break
+        skip = save = False
+        for i in self._skip:
+            skip = skip or bool(reduced[i])
+        for i in self._save:
+            save = save or bool(reduced[i])
+        return Verdict(skip, save, stop, reduced, self._index)

@@ -32,7 +32,7 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, NoReturn, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -59,9 +59,9 @@ class Slot:
     minimum: bool = False  # reduce to the minimum over ranks (carried as -x in the MAX)
 
 
-@dataclass(frozen=True)
-class StepReport:
-    """One attempted step on this rank, as the loop measured it.
+class StepReport(NamedTuple):
+    """One attempted step on this rank, as the loop measured it (a tuple: it is made
+    every step, and a NamedTuple costs a fraction of a frozen dataclass to make).
 
     step: completed steps before this attempt (the attempt would make it ``step + 1``).
     final: the attempt would complete the run (``step + 1 == max_steps``).
@@ -87,26 +87,40 @@ class StepReport:
     started: float
 
 
-@dataclass(frozen=True)
 class Verdict:
     """The ballot after the all-reduce: the same on every rank.
 
     skip: discard this step (no optimizer step, ``step`` stays).
     save: a checkpoint of this step is due.
     stop: the name of the first STOP slot (in table order) voted nonzero, or None.
-    values: every slot's reduced value by name (a minimum for ``minimum`` slots).
+    ``verdict[name]``: a slot's reduced value (a minimum for ``minimum`` slots);
+    ``values``: all of them by name.
     """
 
-    skip: bool
-    save: bool
-    stop: str | None
-    values: Mapping[str, int]
+    __slots__ = ("_index", "_reduced", "save", "skip", "stop")
+
+    def __init__(self, skip: bool, save: bool, stop: str | None, reduced: Sequence[int],
+                 index: Mapping[str, int]) -> None:
+        self.skip = skip
+        self.save = save
+        self.stop = stop
+        self._reduced = reduced
+        self._index = index  # slot name -> position in ``reduced``, shared by every verdict
 
     def __getitem__(self, slot: str) -> int:
-        return self.values[slot]
+        return self._reduced[self._index[slot]]
 
+    @property
+    def values(self) -> dict[str, int]:
+        return {name: self._reduced[i] for name, i in self._index.items()}
 
-NOTHING = Verdict(skip=False, save=False, stop=None, values={})
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Verdict) and (self.skip, self.save, self.stop, self.values) == (
+            other.skip, other.save, other.stop, other.values)
+
+    def __repr__(self) -> str:
+        return (f"Verdict(skip={self.skip}, save={self.save}, stop={self.stop!r}, "
+                f"values={self.values})")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,11 @@ class Stepper:
         self.manual = manual
         self.measure = measure
         self._parameters = state.parameters()
+        first = self._parameters[0] if self._parameters else None
+        # one foreach norm over all gradients needs one dtype and device (a gradient
+        # has its parameter's): decided once per fit, not every step
+        self._one_kind = first is not None and all(
+            p.dtype == first.dtype and p.device == first.device for p in self._parameters)
         self._no_sync = getattr(state.model, "no_sync", None)
 
     def attempt(self, max_steps: int) -> StepReport:
@@ -86,8 +91,21 @@ class Stepper:
                     state.scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self._parameters, self.max_grad_norm)
         elif self.measure:  # grads of a GradScaler are scaled: only finiteness counts
-            norm = _total_norm([p.grad for p in self._parameters if p.grad is not None])
+            norm = self._total_norm([p.grad for p in self._parameters if p.grad is not None])
         return (losses[0] if accum == 1 else torch.stack(losses).mean()), norm, tuple(batches)
+
+    def _total_norm(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """The gradients' total 2-norm in few operations: one foreach norm and one norm of
+        the norms when every gradient has the same device and dtype (torch's
+        get_total_norm groups them first, several times the host cost on small steps),
+        else get_total_norm."""
+        if not grads:
+            return None
+        if self._one_kind:
+            norm: torch.Tensor = torch.linalg.vector_norm(
+                torch.stack(torch._foreach_norm(grads)))
+            return norm
+        return torch.nn.utils.get_total_norm(grads)
 
     def apply(self) -> None:
         """The optimizer, scaler and scheduler steps; the step count goes up."""
@@ -120,21 +138,11 @@ def _to_host(loss: Any, norm: Any) -> tuple[float, float | None]:
     """The loss and the gradient norm as floats: one host-device sync for both."""
     if not isinstance(loss, torch.Tensor):
         loss = torch.tensor(float(loss))
-    parts = [loss.detach().float().reshape(())]
-    if norm is not None:
-        parts.append(norm.detach().float().reshape(()).to(parts[0].device))
-    values = torch.stack(parts).tolist()
-    return values[0], (values[1] if len(values) > 1 else None)
-
-
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
-    """The gradients' total 2-norm in few operations: one foreach norm and one norm of the
-    norms when every gradient has the same device and dtype (torch's get_total_norm
-    groups them first, several times the host cost on small steps), else get_total_norm."""
-    if not grads:
-        return None
-    first = grads[0]
-    if all(g.dtype == first.dtype and g.device == first.device for g in grads):
-        norm: torch.Tensor = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        return norm
-    return torch.nn.utils.get_total_norm(grads)
+    if norm is None:
+        return float(loss.detach().float()), None
+    if not (loss.dtype is torch.float32 and norm.dtype is torch.float32 and loss.dim() == 0
+            and norm.dim() == 0 and loss.device == norm.device):  # else made to fit first
+        loss = loss.detach().float().reshape(())
+        norm = norm.detach().float().reshape(()).to(loss.device)
+    loss_value, grad_norm = torch.stack((loss.detach(), norm.detach())).tolist()
+    return loss_value, grad_norm
