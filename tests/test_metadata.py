@@ -18,6 +18,7 @@ import torch
 
 import hardtrain as ht
 import hardtrain.metadata as metadata_module
+from hardtrain import _probes
 from hardtrain._redact import REDACTED, is_secret_name, redact, redact_text
 from hardtrain.metadata import DIFF_FILE, METADATA_FILE, metadata_changes, metadata_files
 from tests.gitrepo import git, new_repo
@@ -76,7 +77,7 @@ def test_a_file_that_is_not_utf8_comes_back_byte_for_byte(repo: Path) -> None:
 
 
 def test_a_huge_diff_is_cut_and_says_so(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metadata_module, "_MAX_DIFF_BYTES", 100)
+    monkeypatch.setattr(_probes, "MAX_DIFF_BYTES", 100)
     g = ht.capture_metadata(repo=repo)["git"]
     assert g["diff_truncated"] is True and len(g["diff"].encode()) == 100
     assert g["diff_bytes"] > 100

@@ -11,25 +11,20 @@ metadata, and the run goes on.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import hashlib
-import importlib.metadata
 import json
 import os
 import platform
 import socket
 import sys
 import time
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
-import torch
 
-from hardtrain import _dist
+from hardtrain import _dist, _probes
 from hardtrain._redact import (
     REDACTED,
     is_secret_name,
@@ -38,8 +33,6 @@ from hardtrain._redact import (
     redact_argv,
     secret_values,
 )
-from hardtrain._version import __version__
-from hardtrain.determinism import determinism_flags
 
 __all__ = [
     "DIFF_FILE",
@@ -56,8 +49,6 @@ METADATA_FILE = "run.json"
 UNKNOWN = "<unavailable>"  # a part that could not be read (no git, no NVML)
 DIFF_FILE = "git-diff.patch"
 FORMAT = 1
-_MAX_UNTRACKED = 200  # untracked file names listed; the count is always there
-_MAX_DIFF_BYTES = 2 * 2**20  # larger diffs are cut (redaction reads ~2 MB/s), and say so
 # Environment variables that change numerics, communication or scheduling, by prefix or name.
 _ENV_PREFIXES = (
     "NCCL_", "TORCH_", "PYTORCH_", "CUDA_", "CUBLAS_", "CUBLASLT_", "CUDNN_", "NVIDIA_",
@@ -179,7 +170,7 @@ def capture(
     than 0, whose metadata nobody writes)."""
     rank, world_size = _dist.rank_and_world_size()
     me = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-          "local_rank": _int_or_none(os.environ.get("LOCAL_RANK")), "device": _device()}
+          "local_rank": _int_or_none(os.environ.get("LOCAL_RANK")), "device": _probes.device()}
     world = {"world_size": world_size,
              "ranks": _dist.all_gather_json(me, group)}
     if not full:
@@ -195,17 +186,17 @@ def capture(
                     "cwd": _part(os.getcwd)},
         "host": {"hostname": socket.gethostname(), "platform": platform.platform()},
         "world": world,
-        "git": _part(_git, repo),
+        "git": _part(_probes.git_state, repo),
         "config": _part(redact, config, known),  # a config whose str() raises is a reason
-        "versions": _part(_versions),
-        "hardware": {"cpu": _part(_cpu), "memory_bytes": _part(_memory_bytes),
-                     "gpus": _part(_gpus, nvml)},
-        "determinism": _part(_determinism, seed),
+        "versions": _part(_probes.versions),
+        "hardware": {"cpu": _part(_probes.cpu), "memory_bytes": _part(_probes.memory_bytes),
+                     "gpus": _part(_probes.gpus, nvml)},
+        "determinism": _part(_probes.determinism, seed),
         "env": {k: (REDACTED if is_secret_name(k) else v) for k, v in sorted(os.environ.items())
                 if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES},
     }
     redacted: dict[str, Any] = redact(metadata, known)
-    redacted["packages"] = _part(_packages)  # names and versions: nothing to redact
+    redacted["packages"] = _part(_probes.packages)  # names and versions: nothing to redact
     return redacted
 
 
@@ -215,17 +206,6 @@ def _part(read: Any, *args: Any) -> Any:
         return read(*args)
     except Exception as e:
         return {"available": False, "reason": f"{type(e).__name__}: {e}"}
-
-
-def _determinism(seed: int | None) -> dict[str, Any]:
-    return {"seed": seed, **determinism_flags(),
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "float32_matmul_precision": torch.get_float32_matmul_precision()}
-
-
-def _memory_bytes() -> int:
-    return int(psutil.virtual_memory().total)
 
 
 def metadata_files(metadata: Mapping[str, Any]) -> dict[str, bytes]:
@@ -312,169 +292,6 @@ def _flatten(node: dict[str, Any], prefix: str) -> dict[str, Any]:
     return flat
 
 
-def _git(repo: str | os.PathLike[str] | None) -> dict[str, Any]:
-    where = os.path.abspath(os.fspath(repo)) if repo is not None else _script_dir()
-    try:
-        import git  # GitPython: raises ImportError when there is no git executable
-    except ImportError as e:
-        return {"available": False, "reason": f"git is not usable ({str(e).splitlines()[0]})"}
-    try:
-        repository = git.Repo(where, search_parent_directories=True)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        return {"available": False, "reason": f"{where} is not inside a git repository"}
-    except Exception as e:
-        return {"available": False, "reason": f"{type(e).__name__}: {e}"}
-    with repository:
-        info: dict[str, Any] = {"available": True, "root": repository.working_tree_dir}
-        try:
-            head = repository.head
-            info["commit"] = head.commit.hexsha if head.is_valid() else None
-            info["detached"] = head.is_detached
-            info["branch"] = None if head.is_detached else repository.active_branch.name
-            info["remote"] = _remote(repository)
-            untracked = repository.untracked_files
-            # staged and unstaged changes to tracked files, against the commit, as bytes:
-            # a file that is not UTF-8 must come back unchanged
-            raw: bytes = repository.git.diff("HEAD" if info["commit"] else "--cached",
-                                             "--binary", stdout_as_string=False)
-        except Exception as e:  # a damaged repository, "dubious ownership", ...
-            info.update(available=False, reason=f"{type(e).__name__}: {e}")
-            return info
-    if raw and not raw.endswith(b"\n"):
-        raw += b"\n"
-    info["dirty"] = bool(raw or untracked)
-    info["num_untracked"] = len(untracked)
-    info["untracked"] = untracked[:_MAX_UNTRACKED]
-    info["diff_bytes"] = len(raw)
-    info["diff_sha256"] = hashlib.sha256(raw).hexdigest() if raw else None  # before redaction
-    if len(raw) > _MAX_DIFF_BYTES:
-        info["diff_truncated"] = True  # the patch then does not apply; diff_sha256 is whole
-        raw = raw[:_MAX_DIFF_BYTES]
-    info["diff"] = raw.decode("utf-8", "surrogateescape")
-    return info
-
-
-def _script_dir() -> str:
-    """Where the training script lies (``python /src/proj/train.py`` run from /scratch),
-    else the current directory."""
-    script = sys.argv[0] if sys.argv else ""
-    return os.path.dirname(os.path.abspath(script)) if os.path.isfile(script) else os.getcwd()
-
-
-def _remote(repository: Any) -> str | None:
-    """The origin's (or the first remote's) URL, with any user name and password removed."""
-    remotes = list(repository.remotes)
-    if not remotes:
-        return None
-    remote = next((r for r in remotes if r.name == "origin"), remotes[0])
-    url = str(next(iter(remote.urls), ""))
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme and "@" in parts.netloc:  # scheme://user:password@host/...
-        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return url
-
-
-def _versions() -> dict[str, Any]:
-    nccl = None
-    with contextlib.suppress(Exception):  # not built with NCCL (CPU builds)
-        version = torch.cuda.nccl.version()  # type: ignore[no-untyped-call]
-        nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-    cudnn = None
-    with contextlib.suppress(Exception):
-        available = torch.backends.cudnn.is_available()  # type: ignore[no-untyped-call]
-        cudnn = torch.backends.cudnn.version() if available else None  # type: ignore[no-untyped-call]
-    return {
-        "hardtrain": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "hip": getattr(torch.version, "hip", None),
-        "cudnn": cudnn,
-        "nccl": nccl,
-        "numpy": _distribution_version("numpy"),
-    }
-
-
-def _packages() -> dict[str, str]:
-    found: dict[str, str] = {}
-    for distribution in importlib.metadata.distributions():
-        name = distribution.metadata["Name"]
-        if name and name not in found:  # the first on sys.path is the one imported
-            found[name] = distribution.version
-    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
-
-
-def _distribution_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu() -> dict[str, Any]:
-    model = platform.processor() or None
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"model": model, "arch": platform.machine(),
-            "physical_cores": psutil.cpu_count(logical=False),
-            "logical_cores": psutil.cpu_count(logical=True)}
-
-
-def _gpus(nvml: Any) -> dict[str, Any]:
-    """GPU names, UUIDs, driver, VBIOS and ECC mode from NVML; unavailable says why."""
-    if nvml is None:
-        try:
-            import pynvml
-
-            nvml = pynvml
-        except ImportError as e:
-            return {"available": False, "reason": f"pynvml is not installed ({e})"}
-    try:
-        nvml.nvmlInit()
-    except Exception as e:
-        return {"available": False, "reason": f"NVML: {type(e).__name__}: {e}"}
-    try:
-        devices = []
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            devices.append({
-                "index": index,
-                "name": _text(nvml.nvmlDeviceGetName(handle)),
-                "uuid": _text(nvml.nvmlDeviceGetUUID(handle)),
-                "vbios": _nvml_or_reason(lambda h=handle: _text(
-                    nvml.nvmlDeviceGetVbiosVersion(h))),
-                "ecc_mode": _nvml_or_reason(lambda h=handle: "enabled" if
-                                            nvml.nvmlDeviceGetEccMode(h)[0] else "disabled"),
-                "memory_bytes": _nvml_or_reason(lambda h=handle: int(
-                    nvml.nvmlDeviceGetMemoryInfo(h).total)),
-            })
-        return {"available": True, "driver": _text(nvml.nvmlSystemGetDriverVersion()),
-                "devices": devices}
-    except Exception as e:
-        return {"available": False, "reason": f"NVML: {type(e).__name__}: {e}"}
-    finally:
-        with contextlib.suppress(Exception):
-            nvml.nvmlShutdown()
-
-
-def _nvml_or_reason(read: Any) -> Any:
-    try:
-        return read()
-    except Exception as e:  # NotSupported on consumer GPUs (ECC), ...
-        return f"unavailable: {type(e).__name__}"
-
-
-def _device() -> str | None:
-    """This process's current CUDA device, if CUDA is in use (never initialises it)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):  # type: ignore[no-untyped-call]
-        return None
-    index = torch.cuda.current_device()
-    return f"cuda:{index} {torch.cuda.get_device_name(index)}"
-
-
 def _get(metadata: Mapping[str, Any], path: str) -> Any:
     node: Any = metadata
     for part in path.split("."):
@@ -486,10 +303,6 @@ def _get(metadata: Mapping[str, Any], path: str) -> Any:
 
 def _hosts(metadata: Mapping[str, Any]) -> list[str]:
     return sorted({str(r.get("host")) for r in _get(metadata, "world.ranks") or []})
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _int_or_none(value: str | None) -> int | None:
