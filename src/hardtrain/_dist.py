@@ -12,6 +12,7 @@ group.
 
 from __future__ import annotations
 
+import atexit
 import json
 from typing import Any
 
@@ -41,12 +42,17 @@ class ProcessGroups:
     afresh on first use: each ``new_group`` gets a new name, and so a store prefix no
     earlier group used (the seam collective-timeout recovery needs). A new default group
     (``destroy_process_group`` and ``init_process_group`` again) drops the old groups.
+
+    The groups are let go at interpreter exit (``atexit``, registered with the first
+    group): a gloo group still referenced when the interpreter tears its modules down can
+    abort the process ("terminate called without an active exception").
     """
 
     def __init__(self) -> None:
         self.generation = 0
         self._groups: dict[str, Any] = {}
         self._world: Any = None  # the default group the cached groups belong to
+        self._released_at_exit = False
 
     def get(self, role: str) -> Any | None:
         """The gloo group of all ranks for ``role``; None with a single process.
@@ -62,7 +68,15 @@ class ProcessGroups:
             group = dist.new_group(backend="gloo",
                                    group_desc=f"hardtrain/{self.generation}/{role}")
             self._groups[role] = group
+            if not self._released_at_exit:
+                atexit.register(self._let_go)
+                self._released_at_exit = True
         return group
+
+    def _let_go(self) -> None:
+        """Drop every reference (no collective: the other ranks may be gone)."""
+        self._groups.clear()
+        self._world = None
 
     def rebuild(self) -> None:
         """Collective: every rank must call this. Destroy every group and start a new
