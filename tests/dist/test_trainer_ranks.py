@@ -29,7 +29,8 @@ def torchrun(
     # Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, torchrun's restarted workers share the
     # agent's store with the attempt before and may connect to its dead workers
     # ("Gloo connectFullMesh failed ... Connection refused"; runbooks/preemption.md).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+           "PYTHONFAULTHANDLER": "1"}  # a crash prints every thread's Python stack
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
          f"--max-restarts={restarts}", str(WORKER), str(run_dir), str(results), *args],

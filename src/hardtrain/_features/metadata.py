@@ -107,4 +107,4 @@ class RunMetadata(Feature):
             warnings.warn(
                 f"{message} The resumed run may differ from an uninterrupted one; "
                 f"`hardtrain metadata {scrub(ctx.run_dir)}` shows every difference. "
-                f"See {ENVIRONMENT_RUNBOOK}", EnvironmentChangedWarning, stacklevel=6)
+                f"See {ENVIRONMENT_RUNBOOK}", EnvironmentChangedWarning, stacklevel=5)

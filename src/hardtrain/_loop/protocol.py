@@ -34,6 +34,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, NoReturn, Protocol
 
+from hardtrain import _dist
+
 if TYPE_CHECKING:
     import torch
 
@@ -203,7 +205,9 @@ class TrainState(Protocol):
 class Context:
     """What the loop gives every hook: who this rank is, and the loop's services.
 
-    group: the control group (``_dist.groups.get(_dist.CONTROL)``), None in one process.
+    group: the control group (``_dist.groups.get(_dist.CONTROL)``), None in one process;
+        made at its first use, in a hook every rank runs (after the preemption handlers
+        are in place), and the new one after a rebuild of the groups.
     checkpoints: None with ``checkpoint=None``.
     reload: Collective. Load ``step``'s checkpoint (the newest if None) into the user's
         objects and every feature; returns its info.
@@ -213,7 +217,6 @@ class Context:
 
     rank: int
     world_size: int
-    group: Any
     events: EventSink
     clock: Callable[[], float]
     run_dir: str
@@ -223,6 +226,10 @@ class Context:
     checkpoints: Checkpoints | None
     reload: Callable[[int | None], CheckpointInfo]
     snapshot: Callable[[], Snapshot]
+
+    @property
+    def group(self) -> Any:
+        return _dist.groups.get(_dist.CONTROL)
 
 
 class Feature:

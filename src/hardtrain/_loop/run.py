@@ -54,13 +54,14 @@ class Run:
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Run]:
-        """Open the logs, the control group and every feature; close them in reverse."""
+        """Open the events log and every feature (the preemption handlers first), then lay
+        out the ballot on the control group; close them in reverse."""
         run_dir, log_dir, storage_options, clock = self._settings
         rank, world_size = _dist.rank_and_world_size()
         os.makedirs(log_dir, exist_ok=True)
         self.ctx = Context(
-            rank=rank, world_size=world_size, group=_dist.groups.get(_dist.CONTROL),
-            events=EventLog(os.path.join(log_dir, "events.jsonl")), clock=clock,
+            rank=rank, world_size=world_size, clock=clock,
+            events=EventLog(os.path.join(log_dir, "events.jsonl")),
             run_dir=run_dir, log_dir=log_dir, storage_options=storage_options,
             state=self.state, checkpoints=self.checkpoints, reload=self.reload,
             snapshot=self.snapshot,
