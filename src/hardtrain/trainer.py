@@ -16,20 +16,21 @@ from typing import Any, TypeVar
 import torch
 
 from hardtrain._features.checkpointing import Checkpointing
-from hardtrain._features.logs import Logs, default_log_dir
+from hardtrain._features.logs import Logs, default_log_dir, is_remote
 from hardtrain._features.metadata import RunMetadata
 from hardtrain._features.nan import NanGuard
 from hardtrain._features.preemption import Preemption
 from hardtrain._loop.protocol import Feature, Recovery
 from hardtrain._loop.run import Run
-from hardtrain._loop.state import UserState
+from hardtrain._loop.state import STATE_KEY, UserState
 from hardtrain._loop.step import StepFn, Stepper
-from hardtrain.checkpoint import CheckpointInfo
+from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
 from hardtrain.checkpoint._policy import CheckpointPolicy
 from hardtrain.determinism import seed_everything, set_deterministic
 from hardtrain.metadata import MetadataPolicy
 from hardtrain.numerics import NanPolicy
 from hardtrain.preemption import PreemptionPolicy
+from hardtrain.telemetry import EventLog
 
 _P = TypeVar("_P")
 _DEFAULT_CHECKPOINT = CheckpointPolicy()
@@ -84,7 +85,8 @@ class HardenedTrainer:
     model: an ``nn.Module`` (DDP and ``torch.compile`` wrappers are saved unwrapped).
     optimizer: an optimizer, or ``{name: optimizer}`` for several.
     data: any iterable of batches; see ``hardtrain.data`` for how its position is saved.
-    run_dir: a local folder or an fsspec URL; checkpoints go under ``run_dir/checkpoints``.
+    run_dir: a local folder or an fsspec URL; checkpoints go under ``run_dir/checkpoints``
+        (a local path that is a file, or lies below one, is a ValueError here).
     scheduler: an LR scheduler, ``{name: scheduler}``, or None.
     scaler: a ``torch.amp.GradScaler``, or None.
     extra_state: ``{name: obj}``, each with ``state_dict()``/``load_state_dict()``.
@@ -140,6 +142,7 @@ class HardenedTrainer:
             raise TypeError(f"data={type(data).__name__}: expected an iterable of batches")
         self.data = data
         self.run_dir = os.fspath(run_dir)
+        _check_local_folder(self.run_dir)
         self.scaler = scaler
         self.extra_state = dict(extra_state or {})
         savable = [(f"scheduler[{n!r}]", o) for n, o in self.schedulers.items()]
@@ -171,6 +174,22 @@ class HardenedTrainer:
     def step(self) -> int:
         """Completed optimizer steps (restored from the checkpoint on resume)."""
         return self._state.step
+
+    def restore(self, step: int | None = None) -> CheckpointInfo:
+        """Load the newest verified checkpoint in ``run_dir`` (or ``step``'s) into the
+        model, optimizers, schedulers, scaler, extra state and data position, as ``fit``
+        does when it resumes, and return it: for evaluating without training. Nothing is
+        written and no signal handler is installed; the run metadata is not compared.
+
+        Collective when distributed. Raises ``ht.NoCheckpointError`` when there is none,
+        ``ht.CheckpointMismatchError`` when it does not fit these objects (nothing loaded).
+        """
+        store = CheckpointStore(self.run_dir, events=EventLog(None),
+                                storage_options=self.storage_options)
+        loaded = store.load(step=step)
+        self._state.restore(loaded.state.get(STATE_KEY), loaded.tensors, loaded.path)
+        self._state.release_data()  # the next fit resumes from the checkpoint anyway
+        return CheckpointInfo(loaded.step, loaded.path, True)
 
     # ------------------------------------------------------------------------------ fit
 
@@ -293,6 +312,21 @@ def _named(value: Any, what: str, kind: type | None) -> dict[str, Any]:
         if kind is not None and not isinstance(obj, kind):
             raise TypeError(f"{what}[{name!r}]={type(obj).__name__}: expected {kind.__name__}")
     return items
+
+
+def _check_local_folder(run_dir: str) -> None:
+    """A local run_dir must be a folder, or not exist yet below folders."""
+    if is_remote(run_dir):
+        return
+    path = os.path.abspath(run_dir.removeprefix("file://"))
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+    if not os.path.isdir(path):
+        raise ValueError(f"run_dir={run_dir!r}: {path} is a file, not a folder. Pass a folder "
+                         "for the checkpoints and logs (it is created if it does not exist).")
 
 
 def _check_fit_args(max_steps: int, accum: int, max_grad_norm: float | None, manual: bool) -> None:

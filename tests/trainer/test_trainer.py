@@ -455,3 +455,34 @@ def test_deterministic_mode_sets_the_flags(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+def test_a_run_dir_that_is_a_file_is_named_by_the_constructor(tmp_path: Path) -> None:
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    for run_dir in (afile, afile / "run"):
+        with pytest.raises(ValueError, match=r"notes\.txt is a file, not a folder"):
+            make(run_dir)
+    assert afile.read_text() == "x"
+
+
+def test_restore_loads_the_newest_checkpoint_for_evaluation_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    trainer, step = make(tmp_path / "run", policy=ht.CheckpointPolicy(
+        every=None, every_steps=4, keep_last=3, async_save=False))
+    trainer.fit(step, max_steps=10)
+    saved = ht.CheckpointStore(tmp_path / "run").load()
+    before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
+    evaluator, _ = make(tmp_path / "run")
+    info = evaluator.restore()
+    assert (info.step, evaluator.step) == (10, 10)
+    weights = evaluator.model.state_dict()
+    for name, tensor in saved.tensors.items():
+        if name.startswith("model/"):
+            assert torch.equal(weights[name.removeprefix("model/")], tensor), name
+    assert evaluator.restore(step=8).step == 8 and evaluator.step == 8
+    after = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
+    assert after == before  # no file written, none touched
+    with pytest.raises(ht.NoCheckpointError):
+        make(tmp_path / "empty")[0].restore()
