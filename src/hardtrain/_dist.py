@@ -4,7 +4,7 @@ Everything here degrades to a single process (rank 0 of 1) when torch.distribute
 initialised, so callers never branch on it themselves.
 
 ``groups`` hands out the gloo groups hardtrain works on, one per role ("control" for the
-trainer's vote and agreements, "checkpoint:<root>" for a store's commits): the default
+trainer's vote and agreements, "checkpoint:<n>" for the n-th store's commits): the default
 group may be NCCL, which needs GPU tensors, and a store's background thread must not
 share a group with the main thread's collectives. No other module creates or destroys a
 group.

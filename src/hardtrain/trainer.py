@@ -7,6 +7,7 @@ features a policy turns on (``_features``: the table), and runs ``fit``.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +33,7 @@ from hardtrain.numerics import NanPolicy
 from hardtrain.preemption import PreemptionPolicy
 from hardtrain.telemetry import EventLog
 
+logger = logging.getLogger(__name__)
 _P = TypeVar("_P")
 _DEFAULT_CHECKPOINT = CheckpointPolicy()
 _DEFAULT_PREEMPTION = PreemptionPolicy()
@@ -233,6 +235,8 @@ class HardenedTrainer:
                 _settle_ddp_buckets(self.model)
             first_step, loss = state.step, None
             if first_step >= max_steps:
+                logger.info("rank=%d run already at step %d (max_steps=%d): nothing to train",
+                            run.ctx.rank, first_step, max_steps)
                 return self._result(run, first_step, resumed, None, started)
             run.settle(run.ballot.cast(None))  # a signal during start-up or resume
             stepper = Stepper(state, step_fn, accum=grad_accum_steps,

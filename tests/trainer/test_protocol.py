@@ -85,7 +85,7 @@ class WithRecovery(ht.HardenedTrainer):
         return [*super()._features(), RecoverFlaky(self.recovery)]
 
 
-def job(run_dir: Path, *, fail_at: set[int], recovery: Recovery | None,
+def job(run_dir: Path, *, fail_at: set[int], recovery: Recovery | None, **extra: Any,
         ) -> tuple[ht.HardenedTrainer, Any]:
     ht.seed_everything(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2),
@@ -97,7 +97,7 @@ def job(run_dir: Path, *, fail_at: set[int], recovery: Recovery | None,
                                        torch.randn(24, 1, generator=g)),
         batch_size=4, shuffle=True)
     kwargs: dict[str, Any] = dict(
-        checkpoint=ht.CheckpointPolicy(every=None, every_steps=3), seed=2)
+        checkpoint=ht.CheckpointPolicy(every=None, every_steps=3), seed=2, **extra)
     trainer = (ht.HardenedTrainer(model, opt, data, run_dir, **kwargs) if recovery is None
                else WithRecovery(model, opt, data, run_dir, recovery=recovery, **kwargs))
     failed: set[int] = set()
@@ -136,3 +136,12 @@ def test_an_error_no_feature_answers_propagates(tmp_path: Path) -> None:
     with pytest.raises(Flaky, match="step 2"):
         trainer.fit(step_fn, max_steps=8)
     assert not events(tmp_path / "n", "step_failed")
+
+
+def test_a_run_without_a_feature_saves_the_state_it_loaded_for_it(tmp_path: Path) -> None:
+    trainer, step_fn = job(tmp_path, fail_at=set(), recovery=None)
+    trainer.fit(step_fn, max_steps=3)
+    trainer, step_fn = job(tmp_path, fail_at=set(), recovery=None, nan=None)
+    trainer.fit(step_fn, max_steps=6)  # resumed without the NaN guard
+    saved = ht.CheckpointStore(tmp_path).load().state["hardtrain"]
+    assert saved["step"] == 6 and saved["features"]["nan"] == {"num_rollbacks": 0}

@@ -39,6 +39,10 @@ class Logs(Feature):
         if ctx.rank == 0:
             self._metrics = MetricsLog(os.path.join(self.log_dir, "metrics.jsonl"))
 
+    def load_state_dict(self, state: Mapping[str, Any] | None,
+                        checkpoint: CheckpointInfo) -> None:
+        self._uploaded = checkpoint  # a loaded checkpoint is no new commit: nothing to copy
+
     def after_vote(self, ctx: Context, verdict: Verdict, report: StepReport) -> None:
         if not verdict.skip and self._metrics is not None:
             loss = report.loss if report.loss_value is None else report.loss_value

@@ -51,6 +51,7 @@ class Run:
         self._on_error = [f for f in self.features if overrides(f, "on_error")]
         self._stop_owners = {s.name: f for f in self.features for s in f.slots}
         self.measures = any(f.measures for f in self.features)
+        self._carried: dict[str, Any] = {}  # loaded states of features this run has not
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Run]:
@@ -124,6 +125,8 @@ class Run:
         saved: Any = loaded.state.get(STATE_KEY)
         self.state.restore(saved, loaded.tensors, loaded.path)  # checks before it loads
         states = features_state(saved)
+        names = {f.name for f in self.features}
+        self._carried = {k: v for k, v in states.items() if k not in names}  # saved again
         for feature in self.features:
             feature.load_state_dict(states.get(feature.name), info)
 
@@ -132,8 +135,8 @@ class Run:
         feature's state (under ``features``), and the features' extra files."""
         tensors: dict[str, torch.Tensor] = {}
         state = self.state.capture(tensors)
-        state["features"] = {f.name: s for f in self.features
-                             if (s := f.state_dict()) is not None}
+        state["features"] = {**self._carried, **{f.name: s for f in self.features
+                                                 if (s := f.state_dict()) is not None}}
         files: dict[str, bytes] = {}
         for feature in self.features:
             files.update(feature.files())
@@ -179,9 +182,7 @@ class Run:
         during it."""
         if self.checkpoints is not None:
             self.checkpoints.save_final()
-        verdict = self.ballot.cast(None)
-        if verdict.stop is not None:
-            self.stop(verdict)
+        self.settle(self.ballot.cast(None))
 
     def summary(self) -> dict[str, Any]:
         figures: dict[str, Any] = {}

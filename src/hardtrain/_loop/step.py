@@ -37,12 +37,8 @@ class Stepper:
         self.max_grad_norm = max_grad_norm
         self.manual = manual
         self.measure = measure
-        self._parameters = state.parameters()
-        first = self._parameters[0] if self._parameters else None
-        # one foreach norm over all gradients needs one dtype and device (a gradient
-        # has its parameter's): decided once per fit, not every step
-        self._one_kind = first is not None and all(
-            p.dtype == first.dtype and p.device == first.device for p in self._parameters)
+        self._parameters: list[torch.Tensor] = []
+        self._one_kind = False
         self._no_sync = getattr(state.model, "no_sync", None)
 
     def attempt(self, max_steps: int) -> StepReport:
@@ -85,6 +81,8 @@ class Stepper:
                 (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
             losses.append(loss.detach())
         norm = None
+        if self.max_grad_norm is not None or self.measure:
+            self._refresh_parameters()
         if self.max_grad_norm is not None:
             if state.scaler is not None:
                 for optimizer in state.optimizers.values():
@@ -93,6 +91,19 @@ class Stepper:
         elif self.measure:  # grads of a GradScaler are scaled: only finiteness counts
             norm = self._total_norm([p.grad for p in self._parameters if p.grad is not None])
         return (losses[0] if accum == 1 else torch.stack(losses).mean()), norm, tuple(batches)
+
+    def _refresh_parameters(self) -> None:
+        """The optimizers' parameters, in their order; again only when a param group was
+        added (progressive unfreezing). One foreach norm over all gradients needs one
+        dtype and device (a gradient has its parameter's): decided then, not every step."""
+        state = self.state
+        if len(self._parameters) == sum(len(g["params"]) for opt in state.optimizers.values()
+                                        for g in opt.param_groups):
+            return
+        self._parameters = params = state.parameters()
+        first = params[0] if params else None
+        self._one_kind = first is not None and all(
+            p.dtype == first.dtype and p.device == first.device for p in params)
 
     def _total_norm(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
         """The gradients' total 2-norm in few operations: one foreach norm and one norm of

@@ -6,6 +6,7 @@ nothing here is collective except ``Place.group``.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,10 @@ from hardtrain.checkpoint._storage import Storage
 from hardtrain.telemetry import EventSink
 
 CHECKPOINTS = "checkpoints"
+# Each store its own group: two stores must not run collectives on one group from two
+# threads at once. The role is only this process's key; ranks pair groups by the order
+# in which they are created (at the store's first collective call), as before.
+_STORE_NUMBERS = itertools.count()
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Place:
     events: EventSink
     keep_last: int | None
     rejected: dict[int, str] = field(default_factory=dict)  # step: why it failed to verify
+    role: str = field(default_factory=lambda: f"checkpoint:{next(_STORE_NUMBERS)}")
 
     def folder(self, step: int) -> str:
         """``step``'s folder relative to the root, as ``storage`` takes it."""
@@ -48,7 +54,7 @@ class Place:
     def group(self) -> Any:
         """The store's gloo group; None with a single process. Collective on first use:
         call it only where every rank is."""
-        return _dist.groups.get(f"checkpoint:{self.root}")
+        return _dist.groups.get(self.role)
 
     def steps(self) -> list[int]:
         """The steps that have a folder, committed or not, oldest first."""
