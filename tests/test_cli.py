@@ -208,6 +208,24 @@ def test_ls_marks_damaged_checkpoints(
     assert captured.err.startswith("2 damaged checkpoint(s)")
 
 
+def test_ls_shows_set_aside_folders_with_their_reason(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    store = save_run(run)
+    store.set_aside_after(2, "rolled back from step 3 to 2 \x1b[2Jafter 3 skipped steps")
+    (run / "checkpoints" / "step-00000005.rejected-20261127T045111-49136d").mkdir()  # no note
+    result = run_cli("ls", str(run), cwd=tmp_path)
+    assert result.returncode == 0, result  # set aside is not damage: loading passes it by
+    rows = [m.groupdict() for m in map(ROW.match, result.stdout.splitlines()[1:]) if m]
+    assert [r["step"] for r in rows] == ["1", "2", "3", "5"]  # by step, set aside or not
+    assert [(r["created"], r["size"]) for r in rows[2:]] == [("-", "-"), ("-", "-")]
+    [aside] = CheckpointStore(run).list_set_aside()[:1]
+    assert rows[2]["state"] == (
+        f"set aside {aside.set_aside:%Y-%m-%d %H:%M:%S} (ignored): rolled back from step 3 "
+        f"to 2 \\x1b[2Jafter 3 skipped steps [{Path(aside.path).name}]")  # escaped, not drawn
+    assert rows[3]["state"] == ("set aside (ignored): no note with the reason; see "
+                                "events.jsonl [step-00000005.rejected-20261127T045111-49136d]")
+
+
 def test_verify_one_damaged_step(damaged_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert hardtrain.cli.main(["verify", str(damaged_run), "--step", "3"]) == 1
     lines = capsys.readouterr().out.splitlines()

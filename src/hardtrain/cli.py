@@ -150,7 +150,7 @@ class _Quiet:
 
 def _ls(run_dir: str, *, verify: bool) -> int:
     store, infos = _open(run_dir)
-    rows = [("STEP", "CREATED (UTC)", "SIZE", "STATE")]
+    rows: list[tuple[int, str, str, str, str]] = []
     bad = 0
     for info in infos:
         created = info.created.strftime("%Y-%m-%d %H:%M:%S") if info.created else "-"
@@ -165,13 +165,27 @@ def _ls(run_dir: str, *, verify: bool) -> int:
             bad += not report.ok
         else:
             state = "committed"
-        rows.append((str(info.step), created, size, state))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[3])
+        rows.append((info.step, str(info.step), created, size, state))
+    for aside in store.list_set_aside():
+        when = f" {aside.set_aside:%Y-%m-%d %H:%M:%S}" if aside.set_aside else ""
+        reason = aside.reason or "no note with the reason; see events.jsonl"
+        rows.append((aside.step, str(aside.step), "-", "-", f"set aside{when} (ignored): "
+                     f"{reason} [{aside.path.rsplit('/', 1)[-1]}]"))
+    rows.sort(key=lambda row: row[0])
+    table = [("STEP", "CREATED (UTC)", "SIZE", "STATE"), *(row[1:] for row in rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    for row in table:
+        cells = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+        print(cells, _printable(row[3]))
     if bad:
         print(f"{bad} damaged checkpoint(s); see {CHECKPOINT_RUNBOOK}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: names and reasons come from the run
+    directory and must not move a terminal's cursor or draw lines of their own."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _verify(run_dir: str, step: int | None) -> int:

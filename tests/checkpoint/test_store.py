@@ -256,8 +256,36 @@ def test_retention_does_not_count_rejected_checkpoints(tmp_path: Path) -> None:
     with pytest.warns(ht.CheckpointFallbackWarning):
         assert store.load().step == 1
     store.save(3, {"w": torch.ones(3)})
-    # keep_last=2 keeps step 3 and the newest good older one (1), not the damaged 2.
+    # keep_last=2 keeps step 3 and the newest good older one (1), not the damaged 2,
+    # which is set aside with a note saying why, never deleted.
     assert [i.step for i in store.list()] == [1, 3]
+    [aside] = store.list_set_aside()
+    assert aside.step == 2 and aside.path.startswith(f"{tmp_path}/checkpoints/step-00000002.")
+    assert aside.reason is not None and "rank-00000.safetensors" in aside.reason
+    assert aside.set_aside is not None
+    assert (Path(aside.path) / "rank-00000.safetensors").read_bytes() == b"garbage"
+    [event] = [r for r in store.events.records if r["event"] == "checkpoint_set_aside"]
+    assert event["step"] == 2 and event["reason"] == aside.reason
+    assert not [r for r in store.events.records if r["event"] == "checkpoint_pruned"]
+    for step in (4, 5):  # later prunes pass the set-aside folder by
+        store.save(step, {"w": torch.ones(3)})
+    assert [i.step for i in store.list()] == [4, 5]
+    assert store.list_set_aside() == [aside]
+
+
+def test_set_aside_folders_without_a_readable_note_are_listed_without_a_reason(
+    tmp_path: Path,
+) -> None:
+    store = ht.CheckpointStore(tmp_path)
+    store.save(1, {"w": torch.ones(3)})
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-00000007.rejected-20261127T045111-49136d").mkdir()  # older hardtrain
+    hostile = checkpoints / "step-00000003.rejected-x"
+    hostile.mkdir()
+    (hostile / "SET-ASIDE.json").write_text('{"reason": ["not", "text"], "set_aside": 1}')
+    (checkpoints / "step-00000009.rejectedx").mkdir()  # not a set-aside name
+    infos = store.list_set_aside()
+    assert [(i.step, i.reason, i.set_aside) for i in infos] == [(3, None, None), (7, None, None)]
 
 
 def test_stale_files_of_a_crashed_save_are_cleaned_but_nothing_else(tmp_path: Path) -> None:

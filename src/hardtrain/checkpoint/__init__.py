@@ -6,6 +6,7 @@ from hardtrain.checkpoint._reports import (
     CheckpointInfo,
     FileProblem,
     LoadedCheckpoint,
+    SetAsideInfo,
     VerifyReport,
 )
 from hardtrain.checkpoint._store import CheckpointStore
@@ -17,5 +18,6 @@ __all__ = [
     "CheckpointStore",
     "FileProblem",
     "LoadedCheckpoint",
+    "SetAsideInfo",
     "VerifyReport",
 ]

@@ -34,6 +34,7 @@ import torch
 import xxhash
 
 MANIFEST = "MANIFEST.json"
+SET_ASIDE_NOTE = "SET-ASIDE.json"  # in a set-aside folder: why, when, by which process
 FORMAT = "hardtrain-checkpoint"
 FORMAT_VERSION = 1
 CHECKSUM = "xxh3_128"
@@ -44,6 +45,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 TMP_MARKER = ".tmp-"
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_SET_ASIDE_DIR = re.compile(r"^step-(\d{8,})\.rejected-")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -76,6 +78,16 @@ def step_dir_name(step: int) -> str:
 
 def parse_step_dir(name: str) -> int | None:
     match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def set_aside_dir_name(step: int, stamp: str) -> str:
+    """A set-aside folder's name: never a step folder, so loading and retention pass it."""
+    return f"{step_dir_name(step)}.rejected-{stamp}"
+
+
+def parse_set_aside_dir(name: str) -> int | None:
+    match = _SET_ASIDE_DIR.match(name)
     return int(match.group(1)) if match else None
 
 

@@ -32,6 +32,17 @@ class CheckpointInfo:
 
 
 @dataclass(frozen=True)
+class SetAsideInfo:
+    """A checkpoint folder set aside (renamed ``step-N.rejected-...``): loading and
+    retention pass it by; hardtrain never deletes it."""
+
+    step: int
+    path: str
+    reason: str | None  # from the folder's SET-ASIDE.json; None when it has none
+    set_aside: datetime | None = None
+
+
+@dataclass(frozen=True)
 class FileProblem:
     file: str
     reason: str  # missing | wrong size | wrong checksum | unreadable | not committed | manifest

@@ -1,20 +1,30 @@
-"""Listing the checkpoints, finding the newest good one, and deleting what is not kept.
-Not collective: retention runs on rank 0 after a commit."""
+"""Listing the checkpoints, finding the newest good one, deleting what is not kept and
+setting aside (never deleting) what failed verification. Not collective: retention runs
+on rank 0 after a commit."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import secrets
+import socket
+import time
+from datetime import datetime, timezone
 
 from hardtrain.checkpoint._format import (
     LOADABLE_SUFFIXES,
     MANIFEST,
+    SET_ASIDE_NOTE,
     TEXT_SUFFIXES,
     ManifestError,
     is_tmp_name,
+    parse_set_aside_dir,
+    set_aside_dir_name,
 )
-from hardtrain.checkpoint._place import Place
-from hardtrain.checkpoint._reports import CheckpointInfo
+from hardtrain.checkpoint._place import CHECKPOINTS, Place
+from hardtrain.checkpoint._reports import CheckpointInfo, SetAsideInfo
 from hardtrain.checkpoint._verify import reject, verify
 
 
@@ -54,6 +64,49 @@ def latest(place: Place) -> CheckpointInfo | None:
     return None
 
 
+def list_set_aside(place: Place) -> list[SetAsideInfo]:
+    """Folders set aside (damaged, or abandoned by a rollback), oldest step first, with
+    the reason their note gives."""
+    infos = []
+    for name in sorted(place.storage.listdir(CHECKPOINTS) or []):
+        step = parse_set_aside_dir(name)
+        if step is None:
+            continue
+        reason, when = _read_note(place, f"{CHECKPOINTS}/{name}")
+        infos.append(SetAsideInfo(step, place.location(f"{CHECKPOINTS}/{name}"), reason, when))
+    return sorted(infos, key=lambda info: (info.step, info.path))
+
+
+def _read_note(place: Place, folder: str) -> tuple[str | None, datetime | None]:
+    """A set-aside folder's reason and time; (None, None) when its note is missing or not
+    what hardtrain writes (it is only read, and only its first 64 KiB)."""
+    try:
+        note = json.loads(place.storage.read_head(f"{folder}/{SET_ASIDE_NOTE}", 64 << 10))
+        reason, when = note["reason"], note["set_aside"]
+        if not isinstance(reason, str) or not isinstance(when, (int, float)):
+            return None, None
+        return reason, datetime.fromtimestamp(when, timezone.utc)
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        return None, None
+
+
+def set_aside(place: Place, step: int, reason: str) -> None:
+    """Rename ``step``'s folder out of loading's sight and leave a note in it saying why
+    (kept for diagnosis, never deleted by hardtrain); an event."""
+    stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+    aside = f"{CHECKPOINTS}/{set_aside_dir_name(step, stamp)}"
+    place.storage.move(place.folder(step), aside)
+    note = {"step": step, "reason": reason, "set_aside": time.time(),
+            "host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        place.storage.write_bytes(f"{aside}/{SET_ASIDE_NOTE}", json.dumps(note).encode())
+        note_error = {}
+    except OSError as e:  # the folder is aside all the same; the event keeps the reason
+        note_error = {"note_error": f"{type(e).__name__}: {e}"}
+    place.events.record("checkpoint_set_aside", level=logging.WARNING, step=step,
+                        to=place.location(aside), reason=reason, **note_error)
+
+
 def clean_up(place: Place, step: int, committed: set[str]) -> None:
     """After ``step`` was committed: the store's temporary files and files of an earlier,
     crashed attempt at it that the manifest does not name, then retention.
@@ -71,9 +124,10 @@ def clean_up(place: Place, step: int, committed: set[str]) -> None:
 def _prune(place: Place, newest: int) -> None:
     """Delete old checkpoints beyond ``keep_last``, after ``newest`` was committed.
 
-    Never touches ``newest`` or anything newer; known-bad checkpoints do not count
-    towards ``keep_last``. A folder is uncommitted (manifest removed) before its files
-    go, so a crash mid-prune leaves nothing that loads half.
+    Never touches ``newest`` or anything newer; checkpoints this run found damaged do not
+    count towards ``keep_last`` and are set aside, not deleted (the runbook asks to keep
+    them for diagnosis). A folder is uncommitted (manifest removed) before its files go,
+    so a crash mid-prune leaves nothing that loads half.
     """
     older = [s for s in place.steps() if s < newest]
     keep: set[int] = set()
@@ -86,6 +140,9 @@ def _prune(place: Place, newest: int) -> None:
         prunable = [s for s in older if s not in keep]
     for step in prunable:
         folder = place.folder(step)
+        if step in place.rejected and place.manifest_exists(step):
+            set_aside(place, step, place.rejected[step])
+            continue
         if place.manifest_exists(step):  # every name a manifest may hold ends as ours do
             place.storage.remove(f"{folder}/{MANIFEST}")
             place.storage.sync_dir(folder)

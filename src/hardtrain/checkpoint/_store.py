@@ -7,6 +7,7 @@ The store is a facade over its parts: ``_write`` (save and commit), ``_load``, `
 
 from __future__ import annotations
 
+import builtins
 import functools
 import os
 from collections.abc import Mapping
@@ -16,7 +17,12 @@ import torch
 
 from hardtrain.checkpoint import _load, _retention, _verify, _write
 from hardtrain.checkpoint._place import Place
-from hardtrain.checkpoint._reports import CheckpointInfo, LoadedCheckpoint, VerifyReport
+from hardtrain.checkpoint._reports import (
+    CheckpointInfo,
+    LoadedCheckpoint,
+    SetAsideInfo,
+    VerifyReport,
+)
 from hardtrain.checkpoint._staging import StagingBuffer
 from hardtrain.checkpoint._storage import LocalStorage, open_storage
 from hardtrain.checkpoint._worker import SaveWorker
@@ -168,7 +174,7 @@ class CheckpointStore:
         self.wait()
         newer = [s for s in self._place.steps() if s > step]
         for later in newer:
-            _write.set_aside(self._place, later, reason)
+            _retention.set_aside(self._place, later, reason)
         return newer
 
     # ---------------------------------------------------------------------- inspection
@@ -177,6 +183,13 @@ class CheckpointStore:
         """Committed checkpoints, oldest first, as their manifests describe them."""
         self.wait()
         return _retention.list_checkpoints(self._place, include_uncommitted)
+
+    def list_set_aside(self) -> builtins.list[SetAsideInfo]:
+        """Checkpoint folders set aside (damaged, or after a rollback): renamed
+        ``step-N.rejected-...``, never loaded, never deleted by hardtrain; with the reason
+        each one's note gives. Oldest step first."""
+        self.wait()
+        return _retention.list_set_aside(self._place)
 
     def verify(self, step: int) -> VerifyReport:
         """Check every file of ``step`` (all ranks) against its manifest."""

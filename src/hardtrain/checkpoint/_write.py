@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ from hardtrain.checkpoint._format import (
 )
 from hardtrain.checkpoint._place import Place
 from hardtrain.checkpoint._reports import CheckpointInfo
-from hardtrain.checkpoint._retention import clean_up
+from hardtrain.checkpoint._retention import clean_up, set_aside
 from hardtrain.checkpoint._staging import StagedTensors, StagingBuffer
 from hardtrain.checkpoint._verify import verify
 from hardtrain.errors import CheckpointError, CheckpointWriteError
@@ -130,17 +129,6 @@ def _clear_way(place: Place, step: int) -> None:
             )
         place.rejected[step] = "; ".join(map(str, report.problems))
     set_aside(place, step, place.rejected[step])
-
-
-def set_aside(place: Place, step: int, reason: str) -> None:
-    """Rename ``step``'s folder out of loading's sight (kept for diagnosis); an event."""
-    folder = place.folder(step)
-    aside = f"{folder}.rejected-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
-    place.storage.move(folder, aside)
-    place.events.record(
-        "checkpoint_set_aside", level=logging.WARNING, step=step,
-        to=place.location(aside), reason=reason,
-    )
 
 
 def persist(place: Place, job: Job) -> CheckpointInfo:
