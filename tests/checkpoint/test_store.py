@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
@@ -445,14 +446,16 @@ def test_an_interrupted_wait_leaves_the_save_in_flight(
     import signal
     import threading
 
+    from hardtrain.checkpoint import _storage
+
     release = threading.Event()
-    real_save_file = safetensors.torch.save_file
+    real_write = _storage.LocalStorage.write_tensors
 
-    def blocked_save_file(*args: object, **kwargs: object) -> None:
+    def blocked_write(*args: Any) -> Any:
         release.wait(timeout=60)
-        real_save_file(*args, **kwargs)  # type: ignore[arg-type]
+        return real_write(*args)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", blocked_save_file)
+    monkeypatch.setattr(_storage.LocalStorage, "write_tensors", blocked_write)
     store = ht.CheckpointStore(tmp_path)
     w = torch.zeros(100)
     store.save_async(1, {"w": w})
@@ -544,3 +547,38 @@ def test_reading_another_ranks_files_from_one_process(tmp_path: Path) -> None:
     assert torch.equal(store.load(1, rank=0).tensors["w"], torch.ones(2))
     with pytest.raises(ht.CheckpointMismatchError, match=r"has ranks 0\.\.0, not rank 3"):
         store.load(1, rank=3)
+
+
+def test_tensor_files_are_plain_safetensors(tmp_path: Path) -> None:
+    """hardtrain writes the tensors file itself (in pieces, so that an abandoned save stops
+    mid-file); the safetensors library reads it back, every dtype bit for bit."""
+    tensors = sample_tensors()
+    ht.CheckpointStore(tmp_path).save(1, tensors)
+    loaded = safetensors.torch.load_file(folder(tmp_path, 1) / "rank-00000.safetensors")
+    assert_same(loaded, tensors)
+
+
+def test_a_tensor_write_stops_between_pieces_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hardtrain.checkpoint import _storage
+
+    monkeypatch.setattr(_storage, "_WRITE_PIECE", 1000)
+    storage = _storage.LocalStorage(str(tmp_path))
+    tensors = {"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(10)}
+    calls: list[int] = []
+    storage.write_tensors("all.safetensors", tensors, lambda: calls.append(1))
+    assert len(calls) == 4 + 1  # 4000 bytes in pieces of 1000, then the 40 bytes of "b"
+    assert_same(safetensors.torch.load_file(tmp_path / "all.safetensors"), tensors)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_third() -> None:
+        calls.append(1)
+        if len(calls) == 5 + 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        storage.write_tensors("cut.safetensors", tensors, stop_at_third)
+    assert sorted(os.listdir(tmp_path)) == ["all.safetensors"]  # no temporary file left

@@ -71,31 +71,20 @@ def test_sigterm_to_the_process_group_does_not_kill_the_loader_workers_first(
     finish_and_compare(tmp_path, tmp_path_factory)
 
 
-def test_sigterm_during_an_async_save_finishes_it_then_saves_the_current_step(
+def test_sigterm_during_an_async_save_abandons_it_and_saves_the_current_step_once(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    stopped = run(tmp_path, *SETTINGS, "--term-in-save", "9", "--slow-write", "0.5")
+    """Earlier saves were quick, so the stop step fits: the state is written once, the
+    stop step's, not the rest of the save in flight too."""
+    stopped = run(tmp_path, *SETTINGS, "--term-in-save", "9", "--slow-write", "30")
     assert stopped.returncode == TERM, stopped.stderr
     [preempted] = events(tmp_path, "preempted")
-    assert preempted["saved"] is True
-    assert 10 in committed(tmp_path)  # the save in flight was finished
-    assert committed(tmp_path)[-1] == preempted["step"] > 10
-    finish_and_compare(tmp_path, tmp_path_factory)
-
-
-def test_a_save_in_flight_that_cannot_finish_in_time_is_abandoned(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    stopped = run(tmp_path, *SETTINGS, "--term-in-save", "9", "--slow-write", "2.5",
-                  "--deadline", "1")
-    assert stopped.returncode == TERM, stopped.stderr
-    assert committed(tmp_path) == [5]  # the previous checkpoint stands
-    [failed] = events(tmp_path, "checkpoint_save_failed")
-    assert failed["step"] == 10 and "abandoned" in failed["error"]
-    [skipped] = events(tmp_path, "preemption_save_skipped")
-    assert "deadline" in skipped["reason"]
-    [preempted] = events(tmp_path, "preempted")
-    assert preempted["saved"] is False and preempted["checkpoint_step"] == 5
+    assert preempted["saved"] is True and preempted["step"] > 10
+    [abandoned] = events(tmp_path, "checkpoint_save_abandoned")
+    assert abandoned["step"] == 10 and "abandoned" in abandoned["error"]
+    assert not events(tmp_path, "checkpoint_save_failed")
+    assert committed(tmp_path) == [5, preempted["step"]]
+    assert preempted["since_signal_s"] < 30  # it did not wait for the slow write
     finish_and_compare(tmp_path, tmp_path_factory)
 
 
@@ -213,9 +202,9 @@ def test_a_save_that_earlier_saves_say_will_not_fit_is_skipped(
 
     write = _storage.LocalStorage.write_tensors
 
-    def slow_write(self: Any, path: str, tensors: Any) -> Any:
+    def slow_write(self: Any, path: str, tensors: Any, check: Any) -> Any:
         time.sleep(0.3)  # slow storage
-        return write(self, path, tensors)
+        return write(self, path, tensors, check)
 
     monkeypatch.setattr(_storage.LocalStorage, "write_tensors", slow_write)
     clock = FakeClock()  # stands still: the deadline never passes, only the estimate decides
@@ -226,6 +215,53 @@ def test_a_save_that_earlier_saves_say_will_not_fit_is_skipped(
     assert not raised.value.saved and raised.value.checkpoint.step == 4
     records = [e for e in trainer_events(tmp_path) if e["event"] == "preemption_save_skipped"]
     assert "earlier saves took up to" in records[0]["reason"]
+
+
+@pytest.mark.parametrize("in_flight_s", [0.2, 30.0])
+def test_when_a_new_save_would_not_fit_the_save_in_flight_is_finished_or_abandoned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_flight_s: float
+) -> None:
+    """The save of step 4 took 1 s, so a new one will not fit a 0.9 s budget: the save of
+    step 8, in flight at the stop after step 9, is finished when it takes 0.2 s more (the
+    run stops at step 8), abandoned at the deadline when it takes 30 s (it stops at 4)."""
+    from hardtrain.checkpoint import _storage
+
+    write = _storage.LocalStorage.write_tensors
+    stopping = threading.Event()
+
+    def scripted_write(self: Any, path: str, tensors: Any, check: Any) -> Any:
+        if "step-00000004" in path:
+            time.sleep(1.0)  # slow storage: what the estimate learns
+        elif "step-00000008" in path:
+            assert stopping.wait(timeout=60)
+            end = time.monotonic() + in_flight_s
+            while time.monotonic() < end:  # slow storage, written in pieces
+                check()
+                time.sleep(0.005)
+        return write(self, path, tensors, check)
+
+    monkeypatch.setattr(_storage.LocalStorage, "write_tensors", scripted_write)
+    trainer, step = make(tmp_path, clock=FakeClock(),  # stands still: the budget is 0.9 s
+                         policy=ht.CheckpointPolicy(every=None, every_steps=4),
+                         preemption=ht.PreemptionPolicy(deadline=1.0))
+
+    def step_fn(batch: Any) -> Any:
+        if trainer.step == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+            stopping.set()
+        return step(batch)
+
+    with pytest.raises(ht.Preempted) as raised:
+        trainer.fit(step_fn, max_steps=20)
+    stopped_at = 8 if in_flight_s < 1 else 4
+    assert raised.value.step == 9 and not raised.value.saved
+    assert raised.value.checkpoint.step == stopped_at
+    assert committed(tmp_path) == [4, 8][: stopped_at // 4]
+    names = [e["event"] for e in trainer_events(tmp_path)]
+    assert ("checkpoint_save_abandoned" in names) == (stopped_at == 4)
+    [skipped] = [e for e in trainer_events(tmp_path) if e["event"] == "preemption_save_skipped"]
+    assert "earlier saves took up to" in skipped["reason"]
+    assert skipped["checkpoint_step"] == stopped_at
 
 
 def test_fit_outside_the_main_thread_says_it_cannot_catch_signals(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 Faults are keyed by step: --kill-at K SIGKILLs the process inside step K+1's step_fn;
 --kill-in-save K SIGKILLs it while the checkpoint after step K is being written;
 --term-at K sends it SIGTERM inside step K+1; --term-in-save K sends SIGTERM while the
-checkpoint after step K is being written (--slow-write S: that write takes S seconds more,
-slow storage); --term-in-resume sends SIGTERM while the checkpoint is being loaded;
+checkpoint after step K is being written (--slow-write S: that write takes S seconds more
+after the signal, slow storage); --term-in-resume sends SIGTERM while the checkpoint is
+being loaded;
 --term-twice sends a second SIGTERM while the preemption's own save is being written;
 --term-group sends --term-at's SIGTERM to the whole process group (DataLoader workers
 included), as torchrun and SLURM do.
@@ -102,17 +103,25 @@ def main() -> None:
 
     write = _storage.LocalStorage.write_tensors
 
-    def write_with_faults(self, path, tensors):  # type: ignore[no-untyped-def]
+    def slow(seconds: float, check) -> None:  # type: ignore[no-untyped-def]
+        """Slow storage, written in pieces: an abandoned save stops within one, as the
+        real writer does."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            check()
+            time.sleep(0.005)  # a piece of slow storage, not waiting for anything
+
+    def write_with_faults(self, path, tensors, check=lambda: None):  # type: ignore[no-untyped-def]
         if args.kill_in_save is not None and trainer.step > args.kill_in_save:
             os.kill(os.getpid(), signal.SIGKILL)
         if faults["term_in_save"] is not None and trainer.step > faults["term_in_save"]:
             faults["term_in_save"] = None
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(args.slow_write)  # slow storage, not waiting for anything
+            slow(args.slow_write, check)
         elif faults["term_twice"] and args.term_at is not None and trainer.step > args.term_at:
             faults["term_twice"] = False
             os.kill(os.getpid(), signal.SIGTERM)
-        return write(self, path, tensors)
+        return write(self, path, tensors, check)
 
     _storage.LocalStorage.write_tensors = write_with_faults  # type: ignore[method-assign]
 

@@ -80,24 +80,35 @@ class Checkpointing(Feature):
                     and self._clock() - self.saved_at >= every_s),)
 
     def on_stop(self, ctx: Context, stop: Stop) -> None:
-        """Collective. Finish the save in flight (or abandon it when it would end after the
-        deadline), then save this step if earlier saves say it fits before the deadline.
-        A discarded step is not saved: the restart must meet it again."""
+        """Collective. The state is written once: when earlier saves say this step can be
+        saved before the deadline, a save in flight (of an earlier step) is abandoned and
+        this step is saved; otherwise the save in flight is finished if it can be (else
+        abandoned at the deadline) and the run stops at its step. The previous committed
+        checkpoint stays valid throughout. A discarded step is not saved: the restart must
+        meet it again."""
         deadline_at = stop.deadline_at
-        self._finish_or_abandon(None if deadline_at is None else deadline_at - self._clock())
+
+        def remaining_s() -> float | None:
+            return None if deadline_at is None else deadline_at - self._clock()
+
         step = ctx.state.step
         if self.saved_step == step or step == 0 or stop.skipped:  # nothing new to keep
+            self._finish_or_abandon(remaining_s())
             return
-        too_slow = None if deadline_at is None else self._too_slow(deadline_at - self._clock())
+        left = remaining_s()
+        too_slow = None if left is None else self._too_slow(left)
         if not _dist.agree(too_slow is not None, ctx.group):
+            self._finish_or_abandon(0.0)  # not worth a second write (unless it is done)
             with contextlib.suppress(CheckpointWriteError):  # an event already
                 self.save(sync=True)
-        else:
-            ctx.events.record(
-                f"{stop.reason}_save_skipped", level=logging.WARNING, step=step,
-                reason=too_slow or "another rank's estimate said it would not fit",
-                deadline_s=stop.detail.get("deadline_s"),
-            )
+            return
+        self._finish_or_abandon(remaining_s())
+        ctx.events.record(
+            f"{stop.reason}_save_skipped", level=logging.WARNING, step=step,
+            reason=too_slow or "another rank's estimate said it would not fit",
+            deadline_s=stop.detail.get("deadline_s"),
+            checkpoint_step=None if self.last is None else self.last.step,
+        )
 
     def close(self, ctx: Context, error: BaseException | None) -> None:
         """Finish the save in flight (a committed checkpoint beats a fast exit)."""
@@ -169,7 +180,7 @@ class Checkpointing(Feature):
         except (TimeoutError, concurrent.futures.TimeoutError):  # not the same before 3.11
             info = self.store.abandon()
         except CheckpointWriteError:
-            info = None  # recorded as checkpoint_save_failed
+            info = None  # recorded as checkpoint_save_failed (or _abandoned)
         if info is not None:
             self._committed(info)
         else:  # abandoned or failed: the saved step is the last committed one

@@ -9,7 +9,9 @@ if it fits), and this feature, called last, raises ``ht.Preempted``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import logging
 from collections.abc import Sequence
 from typing import NoReturn
@@ -95,6 +97,11 @@ class Preemption(Feature):
         message = scrub(f"stopped at step {step} on {signal_name(signum)}; {where}. "
                         f"Exit code {code}: start the same command again to continue.")
         logger.warning("rank=%d %s", ctx.rank, message)
+        # The interpreter's exit is part of the grace period: its last garbage collection
+        # over torch's objects takes ~1 s. Objects alive now are frozen at exit (not if the
+        # caller catches Preempted and goes on), so that collection skips them.
+        atexit.unregister(gc.freeze)  # once, however many times fit was preempted
+        atexit.register(gc.freeze)
         raise Preempted(code, message, step=step, signal=signal_name(signum),
                         checkpoint=last, saved=saved)
 

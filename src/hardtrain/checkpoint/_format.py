@@ -299,6 +299,29 @@ def parse_safetensors(buf: memoryview) -> tuple[dict[str, TensorSpec], int]:
     return specs, data_start
 
 
+def encode_safetensors(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[memoryview]]:
+    """A safetensors file as its header and the tensors' bytes, in order, without copying
+    them (CPU, contiguous tensors): what ``safetensors.torch.save_file`` writes, given
+    back in pieces so that a writer can stop between them. Larger elements first, then
+    by name, so that every tensor starts aligned to its element size."""
+    order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    header: dict[str, Any] = {}
+    pieces: list[memoryview] = []
+    offset = 0
+    for name in order:
+        t = tensors[name].detach()
+        size = t.numel() * t.dtype.itemsize
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+        if size:
+            pieces.append(t.reshape(-1).view(torch.uint8).numpy().data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text, pieces
+
+
 def tensor_view(data: torch.Tensor, spec: TensorSpec, data_start: int) -> torch.Tensor:
     """A tensor over ``data`` (a uint8 tensor of the whole file) without copying, where the
     alignment allows; a copy otherwise."""

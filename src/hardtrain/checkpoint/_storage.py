@@ -20,14 +20,27 @@ import safetensors.torch
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from hardtrain.checkpoint._format import TMP_MARKER, Digest, Hasher, digest_of
+from hardtrain.checkpoint._format import (
+    TMP_MARKER,
+    Digest,
+    Hasher,
+    digest_of,
+    encode_safetensors,
+)
+
+
+def _go_on() -> None:
+    """The default ``check`` of a write: never stops it."""
 
 
 class Storage(Protocol):
     """The seam between the store and the bytes. Paths are "/"-joined below the root."""
 
-    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> Digest:
-        """Durably write a safetensors file; return its size and checksums."""
+    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor],
+                      check: Callable[[], None] = _go_on) -> Digest:
+        """Durably write a safetensors file; return its size and checksums. ``check`` is
+        called between pieces of the write; what it raises stops the write (nothing is
+        left behind)."""
 
     def write_bytes(self, path: str, data: bytes) -> Digest:
         """Durably write a small file; return its size and checksums."""
@@ -80,9 +93,24 @@ class LocalStorage:
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
 
-    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> Digest:
-        # safetensors (>= 0.8) writes straight from the tensors' memory: no extra copy.
-        return self._write(path, lambda tmp: safetensors.torch.save_file(dict(tensors), tmp))
+    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor],
+                      check: Callable[[], None] = _go_on) -> Digest:
+        # Straight from the tensors' memory (no copy), in pieces, so that an abandoned
+        # save stops within one piece instead of at the end of the file.
+        header, pieces = encode_safetensors(tensors)
+
+        def write(tmp: str) -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, memoryview(header))
+                for piece in pieces:
+                    for start in range(0, len(piece), _WRITE_PIECE):
+                        check()
+                        _write_all(fd, piece[start : start + _WRITE_PIECE])
+            finally:
+                os.close(fd)
+
+        return self._write(path, write)
 
     def write_bytes(self, path: str, data: bytes) -> Digest:
         return self._write(path, lambda tmp: _write_new_file(tmp, data))
@@ -191,14 +219,20 @@ def _mapped(fd: int) -> Iterator[memoryview]:
 _READ_BLOCK = 1 << 20
 
 
+_WRITE_PIECE = 64 << 20  # an abandoned save stops within this many bytes of a file
+
+
 def _write_new_file(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, memoryview(data))
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _digest_fd(fd: int) -> Digest:
@@ -225,7 +259,8 @@ class FsspecStorage:
     def _abs(self, path: str) -> str:
         return f"{self.root}/{path}" if path else self.root
 
-    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> Digest:
+    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor],
+                      check: Callable[[], None] = _go_on) -> Digest:
         return self.write_bytes(path, safetensors.torch.save(dict(tensors)))
 
     def write_bytes(self, path: str, data: bytes) -> Digest:

@@ -46,7 +46,7 @@ class SaveWorker:
         try:
             return self.wait()
         except CheckpointWriteError:
-            return None  # recorded as checkpoint_save_failed, the reason says "abandoned"
+            return None  # recorded as checkpoint_save_abandoned
 
     @property
     def busy(self) -> bool:

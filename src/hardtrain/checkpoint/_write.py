@@ -149,7 +149,7 @@ def persist(place: Place, job: Job) -> CheckpointInfo:
         place.storage.makedirs(folder)
         written: dict[str, Digest] = {}
         written[tensors_file(rank)] = place.storage.write_tensors(
-            f"{folder}/{tensors_file(rank)}", job.staged.tensors
+            f"{folder}/{tensors_file(rank)}", job.staged.tensors, go_on
         )
         go_on()
         written[state_file(rank)] = place.storage.write_bytes(
@@ -171,7 +171,8 @@ def persist(place: Place, job: Job) -> CheckpointInfo:
     if failed:
         _fail(place, job.step, "write failed on rank(s) " + ", ".join(
             f"{r} ({err})" for r, err in failed.items()
-        ) + "; nothing was committed and earlier checkpoints are untouched.")
+        ) + "; nothing was committed and earlier checkpoints are untouched.",
+            abandoned=job.cancel.is_set())
     commit_error = _commit(place, job.step, world_size, reports) if rank == 0 else None
     commit_error = _dist.all_gather_json(commit_error, job.group)[0]
     if commit_error is not None:
@@ -192,10 +193,17 @@ def persist(place: Place, job: Job) -> CheckpointInfo:
     )
 
 
-def _fail(place: Place, step: int, reason: str) -> NoReturn:
-    message = f"{place.path(step)}: {reason}"
-    place.events.record("checkpoint_save_failed", level=logging.ERROR, step=step, error=reason)
-    raise CheckpointWriteError(message)
+def _fail(place: Place, step: int, reason: str, *, abandoned: bool = False) -> NoReturn:
+    """Raise the save's error; an event: ``checkpoint_save_abandoned`` when ``abandon()``
+    asked for it (a preemption that saves a newer step instead), else
+    ``checkpoint_save_failed``."""
+    if abandoned:
+        place.events.record("checkpoint_save_abandoned", level=logging.WARNING, step=step,
+                            error=reason)
+    else:
+        place.events.record("checkpoint_save_failed", level=logging.ERROR, step=step,
+                            error=reason)
+    raise CheckpointWriteError(f"{place.path(step)}: {reason}")
 
 
 def _commit(
