@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import gc
 import json
 import math
 import os
@@ -174,8 +173,6 @@ def worker(args: argparse.Namespace) -> None:
         time.sleep(step_s)
         return loss
 
-    if args.freeze_at_exit:  # runs after the ATEXIT line (atexit runs last in, first out)
-        atexit.register(gc.freeze)
     atexit.register(lambda: emit("ATEXIT", time.time()))
     try:
         trainer.fit(step_fn, max_steps=10**9)
@@ -260,8 +257,6 @@ def run_trial(size: int, scenario: str, parent: str, args: argparse.Namespace,
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--run-dir", run_dir,
            "--state-bytes", str(size), "--gap", str(args.gap), "--step-ms", str(args.step_ms),
            "--deadline", str(args.deadline), "--threads", str(args.threads)]
-    if args.freeze_at_exit:
-        cmd.append("--freeze-at-exit")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     stderr_path = os.path.join(parent, "worker-stderr.txt")
     try:
@@ -357,12 +352,14 @@ def read_events(trial: Trial, run_dir: str, t_signal: float, lines: Lines) -> No
             continue
         done = find("checkpoint_saved", step)
         failed = find("checkpoint_save_failed", step)
-        end = min((e["time"] for e in (done, failed) if e is not None), default=math.inf)
+        abandoned = find("checkpoint_save_abandoned", step)
+        ends = [e["time"] for e in (done, failed, abandoned) if e is not None]
+        end = min(ends, default=math.inf)
         if end > t_signal:
             trial.in_flight = True
             trial.in_flight_done = None if end == math.inf else end - t_signal
             trial.in_flight_outcome = ("committed" if done is not None else
-                                       "abandoned" if failed and "abandoned" in failed["error"]
+                                       "abandoned" if abandoned is not None
                                        else "failed" if failed else "never ended")
     if preempted is not None:
         trial.saved = bool(preempted["saved"])
@@ -406,7 +403,7 @@ def print_tables(results: dict[tuple[int, str], list[Trial]]) -> None:
               f"{', '.join(f'{c} x{n}' for c, n in sorted(codes.items(), key=str))} |")
 
     print("\n## where signal -> exit goes (medians, seconds)\n")
-    print("| state | scenario | rest of step + vote | finish save in flight | stop save "
+    print("| state | scenario | rest of step + vote | save in flight (finish or abandon) | stop save "
           "(sync) | -> preempted event | fit's close (-> raise) | -> atexit | interpreter "
           "finalization | signal -> exit |")
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
@@ -506,9 +503,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch / OpenMP threads in the workers (default 1)")
     parser.add_argument("--ready-timeout", type=float, default=180.0,
                         help="give a trial up if its worker is not ready by then, s")
-    parser.add_argument("--freeze-at-exit", action="store_true",
-                        help="the workers call gc.freeze() in an atexit handler (a mitigation "
-                        "to try: CPython's final garbage collection then skips torch's objects)")
     parser.add_argument("--seed", type=int, default=0, help="for the signal delays")
     parser.add_argument("--dir", default=None,
                         help="parent folder for the run_dirs (a temporary folder is made inside "
@@ -533,8 +527,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{load_average()}; run_dirs in {parent}; {args.trials} trials per configuration, "
           f"interleaved; a fresh process per trial; step {args.step_ms:g} ms (sleep) + a "
           f"tiny head; saves {args.gap:g} s apart; deadline {args.deadline:g} s; "
-          f"{args.threads} thread(s) per worker"
-          f"{'; gc.freeze() at exit' if args.freeze_at_exit else ''}.", flush=True)
+          f"{args.threads} thread(s) per worker.", flush=True)
     print_dd(parent, sizes, "before")
     rng = random.Random(args.seed)
     results: dict[tuple[int, str], list[Trial]] = {c: [] for c in configs}
