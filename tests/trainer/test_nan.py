@@ -169,8 +169,12 @@ def test_rollbacks_run_out_into_a_diagnosis(tmp_path: Path) -> None:
     assert isinstance(raised.value, FloatingPointError)
 
 
-def test_nan_gradients_are_caught_through_the_norm(tmp_path: Path) -> None:
-    trainer, step = job(tmp_path, batches(set()))
+@pytest.mark.parametrize("scaler", [None, "disabled"])
+def test_nan_gradients_are_caught_through_the_norm(tmp_path: Path, scaler: str | None) -> None:
+    """Also with a disabled GradScaler (``enabled=(dtype == "float16")``, as scripts build
+    it for bf16 and fp32): it skips nothing, so the guard must."""
+    disabled = torch.amp.GradScaler("cpu", enabled=False) if scaler else None
+    trainer, step = job(tmp_path, batches(set()), scaler=disabled)
 
     first = next(trainer.model.parameters())
     fired: list[int] = []
@@ -187,6 +191,8 @@ def test_nan_gradients_are_caught_through_the_norm(tmp_path: Path) -> None:
     assert skipped["reason"] == "grad_norm" and skipped["step"] == 4
     assert math.isfinite(skipped["loss"]) and not math.isfinite(skipped["grad_norm"])
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    [finished] = events(tmp_path, "training_finished")
+    assert finished["num_skipped"] == 1 and finished["num_scaler_skipped"] == 0
 
 
 def test_a_grad_scalers_own_skip_is_not_counted_twice(tmp_path: Path) -> None:

@@ -56,7 +56,9 @@ class Stepper:
             loss_value, grad_norm = _to_host(loss, norm)
         return StepReport(
             step=state.step, final=state.step + 1 == max_steps, loss=loss,
-            loss_value=loss_value, grad_norm=grad_norm, scaled=state.scaler is not None,
+            loss_value=loss_value, grad_norm=grad_norm,
+            # a disabled GradScaler (enabled=False for bf16/fp32) skips nothing itself
+            scaled=state.scaler is not None and state.scaler.is_enabled(),
             lr=lr, batches=batches, manual=self.manual, started=started,
         )
 
