@@ -3,6 +3,9 @@
     HardtrainError
     └── CheckpointError
         ├── CheckpointWriteError (also OSError)      a save did not commit
+        │   └── CheckpointStorageError               the storage failed it (after retries),
+        │                                            or is unusable (preflight), or no save
+        │                                            has committed for max_unsaved
         ├── CheckpointCorruptError                   the step asked for, or every committed
         │                                            one, failed verification
         ├── NoCheckpointError (also FileNotFoundError) nothing committed (for that step)
@@ -31,6 +34,7 @@ RESUME_MISMATCH_RUNBOOK = "runbooks/resume-mismatch.md"
 PREEMPTION_RUNBOOK = "runbooks/preemption.md"
 NAN_RUNBOOK = "runbooks/nan-during-training.md"
 ENVIRONMENT_RUNBOOK = "runbooks/environment-changed.md"
+STORAGE_RUNBOOK = "runbooks/storage-errors.md"
 
 
 class HardtrainError(Exception):
@@ -56,6 +60,16 @@ class CheckpointWriteError(CheckpointError, OSError):
     Distributed, every problem (bad input on one rank included) is this error on every
     rank, raised by the same call; a single process raises bad input as TypeError or
     ValueError at once."""
+
+
+class CheckpointStorageError(CheckpointWriteError):
+    """The storage under the run directory failed a save (after retrying what is
+    transient), cannot be used at all (the preflight at the start of ``fit``: no bucket,
+    no credentials, no permission, no space), or no checkpoint has committed for longer
+    than ``CheckpointPolicy.max_unsaved``. Not bad input: the same save may succeed later.
+    Nothing was committed; earlier checkpoints are intact."""
+
+    runbook = STORAGE_RUNBOOK
 
 
 class CheckpointCorruptError(CheckpointError):

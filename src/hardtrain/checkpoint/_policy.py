@@ -53,12 +53,27 @@ class CheckpointPolicy:
     keep_last: committed checkpoints kept on disk (>= 1), or None to keep all.
     async_save: write in a background thread after a copy to staging memory (True), or
         block the loop until the checkpoint is committed (False).
+    max_unsaved: how long the run may go on without a committed checkpoint while saves
+        fail (storage down, disk full): a failed save is an event and a warning, training
+        goes on, and the next save is tried when due; past ``max_unsaved`` since the last
+        commit (or the start), the run stops with ``CheckpointStorageError``. None: three
+        times ``every``, at least 10 minutes (2 hours with ``every_steps`` alone).
+    retry_for: how long one storage operation is retried on a transient error (timeout,
+        throttling, connection reset, 5xx), with exponential backoff and jitter; 0 retries
+        nothing.
+    heartbeat: how often the run's lease on its ``run_dir`` is renewed (rank 0). A second
+        job on the same ``run_dir`` refuses to start while the lease is alive; the lease of
+        a killed job blocks a restart on another host for at most this long (on the same
+        host, not at all).
     """
 
     every: timedelta | str | float | None = timedelta(minutes=30)
     every_steps: int | None = None
     keep_last: int | None = 3
     async_save: bool = True
+    max_unsaved: timedelta | str | float | None = None
+    retry_for: timedelta | str | float = timedelta(minutes=2)
+    heartbeat: timedelta | str | float = timedelta(seconds=30)
 
     def __post_init__(self) -> None:
         if self.every is not None:
@@ -86,6 +101,15 @@ class CheckpointPolicy:
             )
         if not isinstance(self.async_save, bool):
             raise ValueError(f"async_save={self.async_save!r}: must be True or False")
+        for name, at_least in (("max_unsaved", 0.0), ("retry_for", None), ("heartbeat", 0.0)):
+            value = getattr(self, name)
+            if value is None and name == "max_unsaved":
+                continue
+            duration = parse_duration(value, field=name)
+            if duration < timedelta(0) or (at_least is not None and duration <= timedelta(0)):
+                raise ValueError(f"{name}={value!r}: must be > 0" if at_least is not None
+                                 else f"{name}={value!r}: must be >= 0 (0: no retries)")
+            object.__setattr__(self, name, duration)
 
     @property
     def every_s(self) -> float | None:
@@ -93,3 +117,19 @@ class CheckpointPolicy:
         if self.every is None:
             return None
         return parse_duration(self.every, field="every").total_seconds()
+
+    @property
+    def max_unsaved_s(self) -> float:
+        """``max_unsaved`` in seconds, the default worked out."""
+        if self.max_unsaved is not None:
+            return parse_duration(self.max_unsaved, field="max_unsaved").total_seconds()
+        every_s = self.every_s
+        return 7200.0 if every_s is None else max(3 * every_s, 600.0)
+
+    @property
+    def retry_for_s(self) -> float:
+        return parse_duration(self.retry_for, field="retry_for").total_seconds()
+
+    @property
+    def heartbeat_s(self) -> float:
+        return parse_duration(self.heartbeat, field="heartbeat").total_seconds()
