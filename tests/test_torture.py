@@ -1,5 +1,5 @@
 """``hardtrain torture``: the installed console script on real training processes, SIGTERMed
-and SIGKILLed at random instants; and its comparison, in-process, on run directories
+and SIGKILLed at random steps; and its comparison, in-process, on run directories
 made by hand."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import hardtrain.cli
 from hardtrain.torture import (
     Comparison,
     Divergence,
+    FreshStarts,
     Interruption,
     PlannedInterruption,
     ReferenceRun,
@@ -29,6 +31,10 @@ from hardtrain.torture import (
     compare_runs,
     plan_interruptions,
 )
+from hardtrain.torture._jobs import launched
+from hardtrain.torture._logs import record_start
+from hardtrain.torture._run import _interrupt, target_step
+from hardtrain.torture._watch import FirstCheckpoint
 
 HARDTRAIN = shutil.which("hardtrain", path=os.path.dirname(sys.executable))
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +46,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::Deprecat
 INTERRUPTION = re.compile(r"^interruption (\d+)/(\d+): (SIGTERM|SIGKILL) .* -> (?:still running "
                           r"after --grace, SIGKILLed )?(during training|in start-up|after "
                           r"training|ignored|missed)", re.M)
+AIMED = re.compile(r"^interruption (\d+)/\d+: (SIGTERM|SIGKILL) at step (\d+) \(aimed at step "
+                   r"(\d+), (?:fresh start|from step (\d+))\) -> during training; newest "
+                   r"checkpoint then: [^;]+; (.*)$", re.M)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -130,12 +139,14 @@ def test_the_mlp_example_survives_exactly_and_the_work_dir_goes(tmp_path: Path) 
 @pytest.mark.timeout(450)
 def test_thirty_random_sigterms_and_sigkills_end_bit_exact(tmp_path: Path) -> None:
     """The soak in the default suite: 30 interruptions, SIGTERM or SIGKILL at random, each
-    followed by a restart, then every loss and final tensor compared bit for bit."""
+    followed by a restart, then every loss and final tensor compared bit for bit. A
+    checkpoint every 2 steps: the metrics lines that the interruptions wait for reach the
+    file at each one, and 24 training interruptions must fit in 90 steps."""
     work = tmp_path / "work"
     done = torture("--kills", "30", "--signal", "mix", "--seed", "5", "--grace", "20",
                    "--work-dir", str(work), "--keep", "--",
                    sys.executable, str(TINY), "--run-dir", "{run_dir}", "--steps", "100",
-                   "--step-s", "0.03", cwd=tmp_path, timeout=400)
+                   "--step-s", "0.03", "--every-steps", "2", cwd=tmp_path, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
     assert verdict(done.stdout).startswith("VERDICT: EXACT")
     landed = landings(done.stdout)
@@ -176,6 +187,55 @@ def test_a_private_random_generator_diverges_at_the_first_step_after_a_resume(
     assert "docs/torture.md" in done.stdout and "runbooks/preemption.md" in done.stdout
     assert work.exists()  # kept for the post-mortem
     assert f"work dir: {work}" in done.stdout
+
+
+@pytest.mark.timeout(200)
+def test_interruptions_land_at_the_planned_steps(tmp_path: Path) -> None:
+    """Each training interruption waits until its start has logged its target step, which
+    the seed and the step the start resumed from fix; a SIGTERMed start stops at or after
+    the step it had logged."""
+    seed = seed_where(4, lambda p: all_mid_training(p)
+                      and {i.signal.name for i in p} == {"SIGTERM", "SIGKILL"})
+    plan = plan_interruptions(4, "mix", seed)
+    done = torture("--kills", "4", "--seed", str(seed), "--grace", "20",
+                   "--work-dir", str(tmp_path / "work"), "--",
+                   sys.executable, str(TINY), "--run-dir", "{run_dir}", "--steps", "80",
+                   "--step-s", "0.02", "--every-steps", "4", "--sync", cwd=tmp_path,
+                   timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    aimed = list(AIMED.finditer(done.stdout))
+    assert [int(m.group(1)) for m in aimed] == [1, 2, 3, 4], done.stdout
+    for index, m in enumerate(aimed):
+        signal_name, at, target = m.group(2), int(m.group(3)), int(m.group(4))
+        resumed_from = int(m.group(5) or 0)
+        assert signal_name == plan[index].signal.name
+        assert target == target_step(index, 4, plan[index].fraction, resumed_from, 80), m[0]
+        assert resumed_from < target <= at <= 80, m[0]
+        if signal_name == "SIGTERM":
+            stopped = re.search(r"preempted at step (\d+) \(saved\)", m.group(6))
+            assert stopped and int(stopped.group(1)) >= at, m[0]
+
+
+@pytest.mark.timeout(200)
+def test_an_unseeded_job_is_told_to_seed(tmp_path: Path) -> None:
+    """tiny.py --seed-torch-only leaves Python's random and numpy's global generator
+    unseeded: the losses match, the RNG state in the final checkpoints does not, and the
+    first checkpoints of the two runs (both fresh starts) already differ there."""
+    seed = seed_where(2, all_mid_training)
+    done = torture("--kills", "2", "--seed", str(seed), "--grace", "20",
+                   "--work-dir", str(tmp_path / "work"), "--",
+                   sys.executable, str(TINY), "--run-dir", "{run_dir}", "--steps", "40",
+                   "--step-s", "0.02", "--keep-last", "0", "--seed-torch-only",
+                   cwd=tmp_path, timeout=180)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert verdict(done.stdout).startswith("VERDICT: DIVERGED in the final checkpoint (step 40)")
+    assert "rng/" in verdict(done.stdout)
+    assert ("unseeded: seed it with ht.seed_everything(SEED) at the top of the script, or "
+            "HardenedTrainer(seed=SEED): Python's random and numpy's global generator "
+            "already differ between two starts that resumed nothing (the first checkpoint "
+            "of each run, step 5)") in done.stdout
+    assert "private random generator" not in done.stdout
+    assert not (tmp_path / "work" / "first-checkpoints").exists()
 
 
 @pytest.mark.slow  # ~45 s; torchrun + SIGTERM is in the default suite in tests/dist
@@ -360,6 +420,59 @@ def test_the_verdict_and_exit_code() -> None:
     assert (found.verdict, found.exit_code) == ("DIVERGED", 1)
     assert found.summary()[-3] == ("VERDICT: DIVERGED in the final checkpoint (step 100): "
                                    "rank 0 tensor model/w: 1.0 (reference) vs 2.0 (tortured)")
+
+
+def test_the_unseeded_hint_needs_the_evidence() -> None:
+    """The hint names seeding only when the runs differ in process-wide RNG streams alone
+    and two fresh starts already differ in each of them; else the usual hint."""
+    reference = ReferenceRun(10.0, 3.0, 0.05, 100, 1)
+    hit = (Interruption(1, "SIGKILL", "training", 0.0, "training", None, 40, "killed by SIGKILL",
+                        target_step=42, step=45),)
+
+    def hint(only_rng: tuple[str, ...], fresh: FreshStarts | None, metrics: bool = False,
+             ) -> str:
+        found = Divergence(100, "state", "1", "2", rank=0, name="state/hardtrain/rng/numpy")
+        loss = Divergence(7, "loss", "0.5", "0.25") if metrics else None
+        comparison = Comparison(100, 120, 0, 100, 1, 18, 0, loss, found, only_rng)
+        lines = TortureReport(1, Path("w"), False, reference, hit, 1, comparison,
+                              fresh).summary()
+        return lines[-1]
+
+    assert hint(("python", "numpy"), FreshStarts(5, ("python", "numpy"))).startswith(
+        "unseeded: seed it with ht.seed_everything(SEED) at the top of the script, or "
+        "HardenedTrainer(seed=SEED): Python's random and numpy's global generator already "
+        "differ between two starts that resumed nothing (the first checkpoint of each run, "
+        "step 5)")
+    usual = "state the checkpoint does not hold (a private random generator"
+    assert hint(("numpy",), None).startswith(usual)  # no evidence
+    assert hint(("numpy",), FreshStarts(5, ())).startswith(usual)  # fresh starts agree
+    assert hint(("torch", "numpy"), FreshStarts(5, ("numpy",))).startswith(usual)
+    assert hint((), FreshStarts(5, ("numpy",))).startswith(usual)  # differs elsewhere too
+    assert hint(("numpy",), FreshStarts(5, ("numpy",)), metrics=True).startswith(usual)
+
+
+def test_a_missed_interruption_names_the_newest_checkpoint(tmp_path: Path) -> None:
+    """A start that resumed the final checkpoint exits 0 before its target step: the
+    interruption missed, and its line names the checkpoints committed by then."""
+    run_dir = tmp_path / "tortured"
+    run_dir.mkdir()
+    events = run_dir / "events.jsonl"
+    events.write_text("".join(json.dumps({"time": 1.0 + i, "event": "checkpoint_saved",
+                                          "rank": 0, "step": step}) + "\n"
+                              for i, step in enumerate((55, 60))))
+    start = record_start(run_dir, 2)
+    resumed = json.dumps({"time": 3.0, "event": "resumed", "rank": 0, "from_step": 60}) + "\n"
+    resumes = f"open({str(events)!r}, 'a').write({resumed!r})"  # and exits 0
+    planned = PlannedInterruption(signal.SIGKILL, "training", 0.5, 0.5)
+    with launched([sys.executable, "-c", resumes], dict(ENV), run_dir,
+                  tmp_path / "tortured-02.log") as job:
+        hit = _interrupt(job, start, planned, ReferenceRun(5.0, 1.0, 0.05, 60, 1), 1, 2, 5.0,
+                         60.0, FirstCheckpoint(tmp_path, "tortured"))
+    assert (hit.landed, hit.checkpoint_step, hit.target_step, hit.resumed_from) == (
+        "missed", 60, 61, 60)
+    assert hit.describe(2) == ("interruption 2/2: SIGKILL aimed at step 61 (from step 60) -> "
+                               "missed (the start had finished); newest checkpoint then: "
+                               "step 60; exit 0")
 
 
 def test_the_plan_is_a_function_of_the_seed() -> None:

@@ -1,11 +1,17 @@
 """A tiny training job for ``hardtrain torture`` tests: a few milliseconds per step.
 
-    python tiny.py --run-dir DIR [--steps 60] [--every-steps 5] [--sync] [--step-s 0.02]
-                   [--workers 0] [--private-rng]
+    python tiny.py --run-dir DIR [--steps 60] [--every-steps 5] [--keep-last 2] [--sync]
+                   [--step-s 0.02] [--workers 0] [--private-rng]
+                   [--seed-torch-only]
 
 --step-s sleeps in every step, so that random instants land in training on any machine.
 --private-rng adds noise from a module-level ``random.Random(0)`` that no checkpoint
 holds: a resumed run draws its numbers again from the start and diverges.
+--seed-torch-only seeds torch alone (``torch.manual_seed(0)``, no seed_everything, no
+HardenedTrainer seed), as many scripts do: Python's ``random`` and numpy's global
+generator start from fresh entropy in every process. Nothing draws from them, so the
+losses match; the RNG state that the checkpoints save does not.
+--keep-last 0 keeps every checkpoint.
 """
 
 from __future__ import annotations
@@ -28,14 +34,19 @@ def main() -> None:
     parser.add_argument("--run-dir", default=os.environ.get("HARDTRAIN_RUN_DIR"))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every-steps", type=int, default=5)
+    parser.add_argument("--keep-last", type=int, default=2)
     parser.add_argument("--sync", action="store_true", help="synchronous saves")
     parser.add_argument("--step-s", type=float, default=0.0, help="sleep in every step")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--private-rng", action="store_true")
+    parser.add_argument("--seed-torch-only", action="store_true")
     args = parser.parse_args()
     assert args.run_dir, "--run-dir or HARDTRAIN_RUN_DIR"
 
-    ht.seed_everything(0)
+    if args.seed_torch_only:
+        torch.manual_seed(0)
+    else:
+        ht.seed_everything(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
                                 torch.nn.Linear(32, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -43,10 +54,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(1234)
     dataset = TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g))
     data = DataLoader(dataset, batch_size=8, shuffle=True, num_workers=args.workers)
-    policy = ht.CheckpointPolicy(every=None, every_steps=args.every_steps, keep_last=2,
-                                 async_save=not args.sync)
+    policy = ht.CheckpointPolicy(every=None, every_steps=args.every_steps,
+                                 keep_last=args.keep_last or None, async_save=not args.sync)
     trainer = ht.HardenedTrainer(model, optimizer, data, args.run_dir, scheduler=scheduler,
-                                 checkpoint=policy, seed=7)
+                                 checkpoint=policy, seed=None if args.seed_torch_only else 7)
 
     def step_fn(batch: list[torch.Tensor]) -> torch.Tensor:
         if args.step_s:

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from hardtrain.checkpoint._format import TensorSpec, checksum, parse_safetensors, tensor_view
+from hardtrain.checkpoint._format import checksum
+from hardtrain.checkpoint._safetensors import TensorSpec, parse_safetensors, tensor_view
 
 
 def check_chunks(data: Any, chunks: Sequence[str], chunk_bytes: int) -> str | None:

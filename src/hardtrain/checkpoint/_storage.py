@@ -25,8 +25,8 @@ from hardtrain.checkpoint._format import (
     Digest,
     Hasher,
     digest_of,
-    encode_safetensors,
 )
+from hardtrain.checkpoint._safetensors import encode_safetensors
 
 
 def _go_on() -> None:

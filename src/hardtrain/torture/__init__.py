@@ -4,7 +4,7 @@
                       [--timeout SECONDS] [--work-dir DIR] [--keep] -- CMD ...
 
 Runs CMD once uninterrupted (WORK/reference), then again from scratch (WORK/tortured)
-interrupted N times at random instants, starting it again with the same command after
+interrupted N times at random steps, starting it again with the same command after
 each; the start after the last interruption must run to the end and exit 0. Then it
 compares the two runs bit for bit: every line of metrics.jsonl against the reference's
 loss and lr for its step (a step replayed after a resume is checked each time it was
@@ -20,12 +20,17 @@ still runs --grace seconds later is SIGKILLed. No process of a start outlives it
 those that left the group are found by $HARDTRAIN_TORTURE_JOB in their environment.
 
 One interruption in five is aimed at start-up (within the reference's start-up time),
-the others at training: one in each equal stretch of the first 90% of the steps, timed
-with the reference's step time from the start's training_started or resumed event. Its
-events then say where each signal landed: start-up, training, after training, or
-ignored (the start went on to exit 0). Once training has finished, the remaining
-interruptions are not made. --seed reproduces the plan; the instants still depend on
-the machine's timing.
+the others at training: at a target step in each equal stretch of the first 90% of the
+steps. The signal goes once the start's metrics.jsonl shows a step at or past its
+target (lines reach the file at each checkpoint and at least once a second), plus a
+random fraction of a step. Its events then say where each signal landed: start-up,
+training, after training, or ignored (the start went on to exit 0). Once training has
+finished, the remaining interruptions are not made. --seed reproduces the plan: the
+signals and the target steps.
+
+A divergence only in the process-wide RNG streams (Python's random, numpy's, torch's),
+where the first checkpoints of both runs (fresh starts) already differ, is named
+"unseeded": seed it with ht.seed_everything.
 
 Exit codes: 0 EXACT (equal, and at least one interruption landed during training);
 1 DIVERGED; 2 bad usage, or a run failed on its own (the tail of its log is printed);
@@ -44,6 +49,7 @@ from hardtrain.torture._reports import (
     RUNBOOK,
     Comparison,
     Divergence,
+    FreshStarts,
     Interruption,
     PlannedInterruption,
     ReferenceRun,
@@ -63,6 +69,7 @@ __all__ = [
     "SIGNAL_MODES",
     "Comparison",
     "Divergence",
+    "FreshStarts",
     "Interruption",
     "PlannedInterruption",
     "ReferenceRun",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import struct
 from collections.abc import Sequence
@@ -10,11 +11,18 @@ from typing import Any
 
 import torch
 
+from hardtrain._loop.state import STATE_KEY
 from hardtrain.checkpoint import CheckpointStore, LoadedCheckpoint
+from hardtrain.errors import CheckpointError
 from hardtrain.torture._logs import StartRecord, first, rank0, read_jsonl
 from hardtrain.torture._reports import Comparison, Divergence, TortureError
 
 _Lines = list[dict[str, Any]]
+# The process-wide RNG streams the trainer saves (hardtrain.state.capture_rng), and where
+# in its state: the current ones, and those of the epoch's start (the data's position).
+GLOBAL_STREAMS = ("python", "numpy", "torch", "cuda")
+_STREAM_HOMES = (("rng",), ("data", "epoch_start_rng"))
+_JSON_STREAMS = ("python", "numpy")  # torch's are tensors
 
 
 class NoEvents:
@@ -41,10 +49,10 @@ def compare_runs(reference: str | os.PathLike[str], tortured: str | os.PathLike[
     if not infos:
         raise TortureError(f"{reference} has no committed checkpoint to compare")
     step, world_size = infos[-1].step, infos[-1].world_size or 1
-    num_tensors, num_differing, checkpoint = _compare_checkpoints(ref_store, tor_store, step,
-                                                                  world_size)
+    num_tensors, num_differing, checkpoint, only_rng = _compare_checkpoints(
+        ref_store, tor_store, step, world_size)
     return Comparison(len(expected), sum(len(lines) for _, lines in segments), num_torn, step,
-                      world_size, num_tensors, num_differing, metrics, checkpoint)
+                      world_size, num_tensors, num_differing, metrics, checkpoint, only_rng)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -123,31 +131,105 @@ def _written_by(number: int, step: int, resumes: dict[int, int | None]) -> str:
 
 
 def _compare_checkpoints(ref_store: CheckpointStore, tor_store: CheckpointStore, step: int,
-                         world_size: int) -> tuple[int, int, Divergence | None]:
-    """(tensors compared, tensors differing, first difference) between the reference's
-    newest committed checkpoint ``step`` and the tortured run's newest."""
+                         world_size: int,
+                         ) -> tuple[int, int, Divergence | None, tuple[str, ...]]:
+    """(tensors compared, tensors differing, first difference, the RNG streams that
+    differ if nothing else does) between the reference's newest committed checkpoint
+    ``step`` and the tortured run's newest."""
     infos = tor_store.list()
     if not infos:
-        return 0, 0, Divergence(step, "checkpoint", f"step {step}", "no committed checkpoint")
+        return 0, 0, Divergence(step, "checkpoint", f"step {step}",
+                                "no committed checkpoint"), ()
     if (infos[-1].step, infos[-1].world_size or 1) != (step, world_size):
         return 0, 0, Divergence(step, "checkpoint", f"newest step {step}, {world_size} rank(s)",
-                                f"newest step {infos[-1].step}, {infos[-1].world_size} rank(s)")
+                                f"newest step {infos[-1].step}, {infos[-1].world_size} "
+                                "rank(s)"), ()
     num_tensors, num_differing, found = 0, 0, None
+    streams: set[str] = set()
+    elsewhere = False
     for rank in range(world_size):
         a = ref_store.load(step, rank=rank)
         b, problem = _load(tor_store, step, rank)
         if b is None:
-            return num_tensors, num_differing, Divergence(step, "checkpoint", "loads", problem)
+            return num_tensors, num_differing, Divergence(step, "checkpoint", "loads",
+                                                          problem), ()
         for name in sorted(a.tensors.keys() | b.tensors.keys()):
             num_tensors += 1
             difference = _tensor_difference(a.tensors.get(name), b.tensors.get(name))
             if difference is not None:
                 num_differing += 1
                 found = found or Divergence(step, "tensor", *difference, rank=rank, name=name)
+                stream = _tensor_stream(name)
+                if stream is None:
+                    elsewhere = True
+                else:
+                    streams.add(stream)
         state = _json_difference(a.state, b.state, "state")
-        if state is not None and found is None:
-            found = Divergence(step, "state", state[1], state[2], rank=rank, name=state[0])
-    return num_tensors, num_differing, found
+        if state is not None:
+            if found is None:
+                found = Divergence(step, "state", state[1], state[2], rank=rank, name=state[0])
+            rest_a, streams_a = _split_streams(a.state)
+            rest_b, streams_b = _split_streams(b.state)
+            elsewhere |= _json_difference(rest_a, rest_b, "state") is not None
+            streams |= {key[1] for key in streams_a.keys() | streams_b.keys()
+                        if not same_json(streams_a.get(key), streams_b.get(key))}
+    only_rng = () if elsewhere else tuple(s for s in GLOBAL_STREAMS if s in streams)
+    return num_tensors, num_differing, found, only_rng
+
+
+def _tensor_stream(name: str) -> str | None:
+    """The RNG stream a saved tensor holds ("torch", "cuda"), or None for any other."""
+    for home in _STREAM_HOMES:
+        prefix = "/".join(home) + "/"
+        if name.startswith(prefix):
+            stream = name[len(prefix):].split("/")[0]
+            return stream if stream in GLOBAL_STREAMS else None
+    return None
+
+
+def _split_streams(state: Any) -> tuple[Any, dict[tuple[str, str], Any]]:
+    """``state`` without the RNG streams the trainer saved in it, and those streams by
+    (where, stream)."""
+    trainer = state.get(STATE_KEY) if isinstance(state, dict) else None
+    if not isinstance(trainer, dict):
+        return state, {}
+    trainer = copy.deepcopy(trainer)
+    found = {}
+    for home in _STREAM_HOMES:
+        node: Any = trainer
+        for key in home:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            found.update({("/".join(home), s): node.pop(s) for s in GLOBAL_STREAMS if s in node})
+    return {**state, STATE_KEY: trainer}, found
+
+
+def fresh_streams(root: Path, step: int) -> dict[int, dict[str, Any]] | None:
+    """Rank -> the RNG streams (``GLOBAL_STREAMS`` that it holds) of committed checkpoint
+    ``step`` under ``root``; None if it cannot be read (damaged, or not written by
+    HardenedTrainer)."""
+    store = CheckpointStore(root, events=NoEvents())
+    try:
+        info = next(i for i in store.list() if i.step == step)
+        found = {}
+        for rank in range(info.world_size or 1):
+            loaded = store.load(step, rank=rank)
+            rng = loaded.state[STATE_KEY]["rng"]
+            found[rank] = {s: rng[s] for s in _JSON_STREAMS if s in rng}
+            for name, tensor in sorted(loaded.tensors.items()):
+                stream = _tensor_stream(name)
+                if stream is not None and name.startswith("rng/"):
+                    found[rank].setdefault(stream, []).append(bytes(_bytes_of(tensor).numpy()))
+    except (StopIteration, CheckpointError, OSError, ValueError, KeyError, TypeError):
+        return None  # no evidence: nothing is claimed from it
+    return found
+
+
+def differing_streams(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]],
+                      ) -> tuple[str, ...]:
+    """The streams of ``fresh_streams`` that differ on some rank."""
+    return tuple(s for s in GLOBAL_STREAMS if any(
+        not same_json(a.get(r, {}).get(s), b.get(r, {}).get(s)) for r in a.keys() | b.keys()))
 
 
 def _load(store: CheckpointStore, step: int, rank: int) -> tuple[LoadedCheckpoint | None, str]:

@@ -14,7 +14,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hardtrain.torture._reports import TortureError
@@ -53,11 +53,13 @@ class Job:
         except subprocess.TimeoutExpired:
             return None
 
-    def sleep_until(self, when: float) -> bool:
-        """Sleep until monotonic ``when``; False if the command exited first."""
+    def sleep_until(self, when: float, poll: Callable[[], object] = lambda: None) -> bool:
+        """Sleep until monotonic ``when``, calling ``poll`` between naps; False if the
+        command exited first."""
         while (left := when - time.monotonic()) > 0:
             if self.proc.poll() is not None:
                 return False
+            poll()
             time.sleep(min(POLL_S, left))
         return self.proc.poll() is None
 

@@ -45,6 +45,11 @@ def read_jsonl(path: Path, start: int = 0, end: int | None = None, *,
         return [], 0
     if complete:
         data = data[: data.rfind(b"\n") + 1]
+    return parse_jsonl(data)
+
+
+def parse_jsonl(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """The JSON objects in ``data`` and the torn fragments skipped (see ``read_jsonl``)."""
     objects: list[dict[str, Any]] = []
     torn = 0
     for raw in data.split(b"\n"):
@@ -73,6 +78,28 @@ def _decode_at(line: str, pos: int) -> tuple[dict[str, Any] | None, int]:
     if not isinstance(obj, dict) or (end < len(line) and line[end] != "{"):
         return None, pos
     return obj, end
+
+
+class Tail:
+    """The whole lines appended to a JSONL file as it grows, from byte ``offset`` on.
+    ``read()`` costs one ``stat`` while nothing was appended."""
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path, self.offset = path, offset
+
+    def read(self) -> list[dict[str, Any]]:
+        """The objects on the lines completed since the last call."""
+        if size(self.path) <= self.offset:
+            return []
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        data = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+        self.offset += len(data)
+        return parse_jsonl(data)[0]
 
 
 def start_events(run_dir: Path, start: StartRecord, *, complete: bool = False,

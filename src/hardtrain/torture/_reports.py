@@ -14,6 +14,8 @@ LANDINGS = {"training": "during training", "start-up": "in start-up (before trai
             "after training": "after training finished",
             "ignored": "ignored (the start went on and exited 0)",
             "missed": "missed (the start had finished)"}
+_STREAMS = {"python": "Python's random", "numpy": "numpy's global generator",
+            "torch": "torch's CPU generator", "cuda": "torch's CUDA generators"}
 
 
 class TortureError(Exception):
@@ -34,21 +36,26 @@ class PlannedInterruption:
     """One interruption as the seed draws it, before any process runs.
 
     signal: SIGTERM or SIGKILL. phase: "training" or "start-up".
-    fraction: where in its window, in [0, 1).
+    fraction: where in its window, in [0, 1): the start-up time, or its stretch of steps.
+    lag: in [0, 1), for "training": once the start has logged its target step, the signal
+        waits this share of the reference's mean step time, so that it lands anywhere in
+        a step or a save.
     """
 
     signal: signal.Signals
     phase: str
     fraction: float
+    lag: float = 0.0
 
 
 @dataclass(frozen=True)
 class ReferenceRun:
-    """What the uninterrupted run measured; the interruptions are timed with it.
+    """What the uninterrupted run measured; the interruptions are planned with it.
 
     elapsed_s: launch to exit. startup_s: launch to its ``training_started`` event.
-    step_s: mean seconds per step, checkpoints included. num_steps: its final step.
-    world_size: ranks of its final checkpoint.
+    step_s: mean seconds per step, checkpoints included. num_steps: its final step (the
+    training interruptions are aimed at steps below it). world_size: ranks of its final
+    checkpoint.
     """
 
     elapsed_s: float
@@ -63,7 +70,8 @@ class Interruption:
     """One interruption of the tortured run, as it happened.
 
     number: 1-based; interruption k hits start k. phase: where it was aimed.
-    delay_s: seconds after launch ("start-up") or after training began ("training").
+    delay_s: seconds after launch ("start-up"), or after the start had logged its
+        target step ("training").
     landed: where the interruption hit (for a SIGTERM ignored until the SIGKILL after
         the grace period, where that SIGKILL hit): "training" | "start-up" (training had
         not begun) | "after training" (the start had written ``training_finished``, or
@@ -75,6 +83,11 @@ class Interruption:
     preempted_step, preempted_saved: from the start's ``preempted`` event, if any.
     forced: still running ``grace`` seconds after SIGTERM, so SIGKILLed.
     finished: the start finished training (wrote ``training_finished``).
+    target_step: for "training", the step it was aimed at: the signal goes once the
+        start has logged a step >= it in metrics.jsonl (None: "start-up").
+    step: the newest step the start had logged when the signal was sent (None: none).
+        Lines reach the file in bursts (at each checkpoint and at least once a second),
+        so the start may have been a little further.
     """
 
     number: int
@@ -89,10 +102,17 @@ class Interruption:
     preempted_saved: bool | None = None
     forced: bool = False
     finished: bool = False
+    target_step: int | None = None
+    step: int | None = None
 
     def describe(self, total: int) -> str:
         start = "fresh start" if self.resumed_from is None else f"from step {self.resumed_from}"
-        anchor = "launch" if self.phase == "start-up" else f"training began ({start})"
+        if self.phase == "start-up":
+            when = f"{self.delay_s:.2f}s after launch"
+        elif self.step is None:
+            when = f"aimed at step {self.target_step} ({start})"
+        else:
+            when = f"at step {self.step} (aimed at step {self.target_step}, {start})"
         where = LANDINGS[self.landed]
         if self.forced:
             where = f"still running after --grace, SIGKILLed {where}"
@@ -103,8 +123,8 @@ class Interruption:
         elif self.signal == "SIGTERM" and self.landed == "training" and not self.forced:
             outcome += ", no preempted event"
         checkpoint = "none" if self.checkpoint_step is None else f"step {self.checkpoint_step}"
-        return (f"interruption {self.number}/{total}: {self.signal} {self.delay_s:.2f}s after "
-                f"{anchor} -> {where}; newest checkpoint then: {checkpoint}; {outcome}")
+        return (f"interruption {self.number}/{total}: {self.signal} {when} -> {where}; "
+                f"newest checkpoint then: {checkpoint}; {outcome}")
 
 
 @dataclass(frozen=True)
@@ -154,6 +174,9 @@ class Comparison:
     skipped. checkpoint_step, world_size: the reference's final checkpoint.
     num_tensors: tensors compared over all ranks; num_tensors_differing: how many differ.
     metrics, checkpoint: the first difference in each, or None.
+    only_rng: when the final checkpoints differ in the process-wide RNG streams the
+        trainer saves and nowhere else, those streams ("python", "numpy", "torch",
+        "cuda"); else empty.
     """
 
     num_steps: int
@@ -165,10 +188,26 @@ class Comparison:
     num_tensors_differing: int
     metrics: Divergence | None
     checkpoint: Divergence | None
+    only_rng: tuple[str, ...] = ()
 
     @property
     def first(self) -> Divergence | None:
         return self.metrics or self.checkpoint
+
+
+@dataclass(frozen=True)
+class FreshStarts:
+    """Two starts that resumed nothing, side by side: the first checkpoint each run
+    committed (the reference's, and the tortured run's), compared on the process-wide RNG
+    streams the trainer saved in it, on every rank.
+
+    step: that checkpoint's step, the same in both runs.
+    differing: the streams that differ on some rank ("python", "numpy", "torch",
+        "cuda"); empty: none.
+    """
+
+    step: int
+    differing: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -177,6 +216,8 @@ class TortureReport:
 
     seed: drew the interruptions. work_dir: reference/, tortured/, one log per start.
     kept: whether work_dir is still there. num_planned: interruptions asked for.
+    fresh_starts: the evidence for ``unseeded``, when both runs' first checkpoints could
+        be read at the same step (None: not).
     """
 
     seed: int
@@ -186,6 +227,15 @@ class TortureReport:
     interruptions: tuple[Interruption, ...]
     num_planned: int
     comparison: Comparison
+    fresh_starts: FreshStarts | None = None
+
+    @property
+    def unseeded(self) -> bool:
+        """The runs differ only in process-wide RNG streams, and two starts that resumed
+        nothing already differ in each of them: the job does not seed them."""
+        c, fresh = self.comparison, self.fresh_starts
+        return (c.metrics is None and c.checkpoint is not None and bool(c.only_rng)
+                and fresh is not None and set(c.only_rng) <= set(fresh.differing))
 
     @property
     def num_in_training(self) -> int:
@@ -222,7 +272,13 @@ class TortureReport:
         if c.metrics is not None and c.checkpoint is not None:
             lines.append(f"also {c.checkpoint}")
         lines.append(f"VERDICT: {self.verdict}{self._verdict_detail()}")
-        if self.verdict == DIVERGED:
+        if self.unseeded and self.fresh_starts is not None:
+            streams = " and ".join(_STREAMS[s] for s in self.comparison.only_rng)
+            lines.append(f"unseeded: seed it with ht.seed_everything(SEED) at the top of the "
+                         f"script, or HardenedTrainer(seed=SEED): {streams} already differ "
+                         f"between two starts that resumed nothing (the first checkpoint of "
+                         f"each run, step {self.fresh_starts.step}); see {DOCS}")
+        elif self.verdict == DIVERGED:
             lines.append("state the checkpoint does not hold (a private random generator, a "
                          f"counter in a global) is the usual cause; see {DOCS} and {RUNBOOK}")
         elif self.verdict == INCONCLUSIVE:

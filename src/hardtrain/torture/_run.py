@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from hardtrain.checkpoint import CheckpointStore
-from hardtrain.torture._compare import NoEvents, compare_runs
+from hardtrain.torture._compare import (
+    NoEvents,
+    compare_runs,
+)
 from hardtrain.torture._jobs import (
     KILL_WAIT_S,
-    POLL_S,
     RUN_DIR_VAR,
     Job,
     end_job,
@@ -41,17 +44,25 @@ from hardtrain.torture._reports import (
     ReferenceRun,
     TortureReport,
 )
+from hardtrain.torture._watch import (
+    BEGAN,
+    FIRSTS,
+    FirstCheckpoint,
+    LoggedSteps,
+    await_step,
+    await_training,
+    wait_exit,
+)
 
 SIGNAL_MODES = ("term", "kill", "mix")
 PLACEHOLDER = "{run_dir}"
 _STARTUP_SHARE = 0.2  # of the interruptions, aimed at start-up
 _TRAINING_SPAN = 0.9  # training targets lie in this first share of the steps
-_BEGAN = ("training_started", "resumed")
 
 
 def plan_interruptions(num_kills: int, signals: str, seed: int) -> list[PlannedInterruption]:
-    """The interruptions ``seed`` draws: each one's signal, phase and fraction. Three draws
-    per interruption whatever ``signals`` is, so a seed aims at the same instants."""
+    """The interruptions ``seed`` draws: each one's signal, phase, fraction and lag. Four
+    draws per interruption whatever ``signals`` is, so a seed aims at the same steps."""
     if signals not in SIGNAL_MODES:
         raise ValueError(f"--signal {signals}: expected one of {', '.join(SIGNAL_MODES)}")
     rng = random.Random(seed)
@@ -60,22 +71,25 @@ def plan_interruptions(num_kills: int, signals: str, seed: int) -> list[PlannedI
         coin = rng.random()
         term = coin < 0.5 if signals == "mix" else signals == "term"
         phase = "start-up" if rng.random() < _STARTUP_SHARE else "training"
+        fraction, lag = rng.random(), rng.random()
         planned.append(PlannedInterruption(signal.SIGTERM if term else signal.SIGKILL,
-                                           phase, rng.random()))
+                                           phase, fraction, lag))
     return planned
 
 
-def training_delay_s(index: int, num_training: int, fraction: float, resumed_from: int,
-                     reference: ReferenceRun) -> float:
-    """Seconds after a start began training at step ``resumed_from`` for the ``index``-th
-    (0-based) of ``num_training`` training interruptions: aimed at a step in its stretch
-    of the first 90% of training, or, if the run is past that already, at a random step
-    of the stretch ahead (never past 90% of what is left)."""
-    stretch = _TRAINING_SPAN * reference.num_steps / num_training
-    target = (index + fraction) * stretch
-    remaining = _TRAINING_SPAN * max(0, reference.num_steps - resumed_from)
-    steps = target - resumed_from if target > resumed_from else fraction * min(stretch, remaining)
-    return steps * reference.step_s
+def target_step(index: int, num_training: int, fraction: float, resumed_from: int,
+                num_steps: int) -> int:
+    """The step that the ``index``-th (0-based) of ``num_training`` training interruptions
+    waits for, in a start that began training at step ``resumed_from`` of a run of
+    ``num_steps``: a step of its stretch of the first 90% of the steps or, if the start
+    is past that already (a SIGTERM saved further than planned), a step of the stretch
+    ahead (never past 90% of what is left). Past ``num_steps`` when the run had finished."""
+    stretch = _TRAINING_SPAN * num_steps / num_training
+    planned = int((index + fraction) * stretch) + 1
+    if planned > resumed_from:
+        return planned
+    ahead = _TRAINING_SPAN * max(0, num_steps - resumed_from)
+    return resumed_from + 1 + int(fraction * min(stretch, ahead))
 
 
 def run_torture(
@@ -118,20 +132,27 @@ def run_torture(
     if not any(PLACEHOLDER in arg for arg in command):
         echo(f"note: no {PLACEHOLDER} in the command: it must take its run directory from "
              f"${RUN_DIR_VAR}")
-    reference = _run_reference(command, work, base_env, timeout_s)
-    echo(f"reference: {reference.num_steps} steps in {reference.elapsed_s:.1f}s (start-up "
-         f"{reference.startup_s:.1f}s, {reference.step_s * 1000:.1f} ms/step), "
-         f"{reference.world_size} rank(s)")
-    limit_s = timeout_s if timeout_s is not None else 3 * reference.elapsed_s + 60
-    starts, interruptions = _run_tortured(command, work, base_env, plan, reference, grace_s,
-                                          limit_s, echo)
-    comparison = compare_runs(work / "reference", work / "tortured", starts)
+    try:
+        ref_first = FirstCheckpoint(work, "reference")
+        reference = _run_reference(command, work, base_env, timeout_s, ref_first)
+        echo(f"reference: {reference.num_steps} steps in {reference.elapsed_s:.1f}s (start-up "
+             f"{reference.startup_s:.1f}s, {reference.step_s * 1000:.1f} ms/step), "
+             f"{reference.world_size} rank(s)")
+        limit_s = timeout_s if timeout_s is not None else 3 * reference.elapsed_s + 60
+        tor_first = FirstCheckpoint(work, "tortured")
+        starts, interruptions = _run_tortured(command, work, base_env, plan, reference,
+                                              grace_s, limit_s, echo, tor_first)
+        comparison = compare_runs(work / "reference", work / "tortured", starts)
+        fresh = None
+        if comparison.metrics is None and comparison.only_rng:
+            fresh = ref_first.beside(tor_first)
+    finally:
+        shutil.rmtree(work / FIRSTS, ignore_errors=True)
     report = TortureReport(seed, work, True, reference, tuple(interruptions), num_kills,
-                           comparison)
+                           comparison, fresh)
     if report.verdict == EXACT and not keep:
         _remove_work_dir(work, created)
-        report = TortureReport(seed, work, False, reference, tuple(interruptions), num_kills,
-                               comparison)
+        report = dataclasses.replace(report, kept=False)
     return report
 
 
@@ -180,12 +201,12 @@ def _argv(command: list[str], run_dir: Path) -> list[str]:
 
 
 def _run_reference(command: list[str], work: Path, env: dict[str, str],
-                   timeout_s: float | None) -> ReferenceRun:
+                   timeout_s: float | None, first_checkpoint: FirstCheckpoint) -> ReferenceRun:
     run_dir = work / "reference"
     run_dir.mkdir()
     launched_at = time.time()
     with launched(_argv(command, run_dir), env, run_dir, work / "reference.log") as job:
-        code = job.wait_exit(timeout_s)
+        code = wait_exit(job, timeout_s, first_checkpoint)
         if code is None:
             raise job.fail(f"the reference run did not finish within --timeout {timeout_s:g}s")
         end_job(job, grace_s=KILL_WAIT_S)
@@ -227,6 +248,7 @@ def _measure(job: Job, launched_at: float, elapsed_s: float) -> ReferenceRun:
 def _run_tortured(command: list[str], work: Path, env: dict[str, str],
                   plan: list[PlannedInterruption], reference: ReferenceRun, grace_s: float,
                   limit_s: float, echo: Callable[[str], None],
+                  first_checkpoint: FirstCheckpoint,
                   ) -> tuple[list[StartRecord], list[Interruption]]:
     """Start the command once per planned interruption and interrupt it, then once more
     to the end. Stops interrupting once the run has finished training."""
@@ -242,7 +264,8 @@ def _run_tortured(command: list[str], work: Path, env: dict[str, str],
         index = sum(p.phase == "training" for p in plan[: start.number - 1])
         with launched(argv, env, run_dir, work / f"tortured-{start.number:02d}.log") as job:
             interruption = _interrupt(job, start, planned, reference, index, num_training,
-                                      grace_s, limit_s)
+                                      grace_s, limit_s, first_checkpoint)
+        first_checkpoint.poll()  # one committed as the start went: retention is over
         interruptions.append(interruption)
         echo(interruption.describe(len(plan)))
         if interruption.finished or interruption.landed in ("after training", "missed"):
@@ -250,13 +273,14 @@ def _run_tortured(command: list[str], work: Path, env: dict[str, str],
     start = record_start(run_dir, len(starts) + 1)
     starts.append(start)
     with launched(argv, env, run_dir, work / f"tortured-{start.number:02d}.log") as job:
-        code = job.wait_exit(limit_s)
+        code = wait_exit(job, limit_s, first_checkpoint)
         what = f"start {start.number} of the tortured run (the last, left to finish)"
         if code is None:
             raise job.fail(f"{what} did not finish within {limit_s:.0f}s (--timeout)")
         end_job(job, grace_s=KILL_WAIT_S)
         if code != 0:
             raise job.fail(f"{what} ended on its own ({exit_text(code)})")
+    first_checkpoint.poll()
     resumed = first(start_events(run_dir, start), "resumed")
     where = "fresh" if resumed is None else f"resumed from step {resumed.get('from_step')}"
     echo(f"start {start.number} ({where}) ran to the end: exit 0")
@@ -265,22 +289,29 @@ def _run_tortured(command: list[str], work: Path, env: dict[str, str],
 
 def _interrupt(job: Job, start: StartRecord, planned: PlannedInterruption,
                reference: ReferenceRun, training_index: int, num_training: int,
-               grace_s: float, limit_s: float) -> Interruption:
-    """Wait for the planned instant, send the signal, see the whole job gone, and tell
-    where the signal landed from this start's events."""
-    resumed_from = None
+               grace_s: float, limit_s: float, first_checkpoint: FirstCheckpoint,
+               ) -> Interruption:
+    """Wait for the planned moment (an instant of start-up, or the start's metrics.jsonl
+    reaching the target step), send the signal, see the whole job gone, and tell where
+    the signal landed from this start's events."""
+    resumed_from, target, logged = None, None, LoggedSteps(job.run_dir, start)
     if planned.phase == "start-up":
-        anchor, delay_s = job.launched, planned.fraction * reference.startup_s
+        delay_s = planned.fraction * reference.startup_s
+        when = min(job.launched + delay_s, job.launched + limit_s)
     else:
-        began = _await_training(job, start, limit_s)
+        began = await_training(job, start, limit_s, first_checkpoint)
         if began is None:  # exited 0 without training: the run had finished
-            return _missed(job, start, planned, 0.0)
-        anchor, event = began
-        resumed_from = event.get("from_step")
-        delay_s = training_delay_s(training_index, num_training, planned.fraction,
-                                   int(resumed_from or 0), reference)
-    if not job.sleep_until(min(anchor + delay_s, job.launched + limit_s)):
-        return _missed(job, start, planned, delay_s)
+            return _missed(job, start, planned, 0.0, None)
+        resumed_from = began.get("from_step")
+        target = target_step(training_index, num_training, planned.fraction,
+                             int(resumed_from or 0), reference.num_steps)
+        if not await_step(job, start, target, limit_s, logged, first_checkpoint):
+            return _missed(job, start, planned, 0.0, target)
+        delay_s = planned.lag * reference.step_s  # into the step or save it logged at
+        when = time.monotonic() + delay_s
+    if not job.sleep_until(when, first_checkpoint.poll):
+        return _missed(job, start, planned, delay_s, target)
+    at_step = logged.newest()
     sent_at = time.time()
     if planned.signal == signal.SIGKILL:
         job.kill_all()
@@ -302,43 +333,26 @@ def _interrupt(job: Job, start: StartRecord, planned: PlannedInterruption,
         resumed_from=resumed_from, checkpoint_step=newest_checkpoint(job.run_dir, hit_at),
         exit=exit_text(job.proc.returncode), preempted_step=preempted.get("step"),
         preempted_saved=preempted.get("saved"), forced=forced_at is not None,
-        finished=first(events, "training_finished") is not None,
+        finished=first(events, "training_finished") is not None, target_step=target,
+        step=at_step,
     )
 
 
-def _await_training(job: Job, start: StartRecord,
-                    limit_s: float) -> tuple[float, dict[str, Any]] | None:
-    """(monotonic time seen, event) once this start began training (rank 0's
-    ``training_started`` or ``resumed``); None if it exited 0 before. Raises TortureError
-    if it exited otherwise, or did not begin within ``limit_s`` of its launch."""
-    while True:
-        event = first(start_events(job.run_dir, start, complete=True), *_BEGAN)
-        if event is not None:
-            return time.monotonic(), event
-        code = job.proc.poll()
-        if code is not None:
-            if code == 0:
-                return None
-            raise job.fail(f"start {start.number} of the tortured run ended on its own "
-                           f"({exit_text(code)}) before training began")
-        if time.monotonic() - job.launched > limit_s:
-            raise job.fail(f"start {start.number} of the tortured run did not begin training "
-                           f"within {limit_s:.0f}s (--timeout)")
-        time.sleep(POLL_S)
-
-
-def _missed(job: Job, start: StartRecord, planned: PlannedInterruption,
-            delay_s: float) -> Interruption:
-    """The start exited before its signal: fine if it finished (exit 0)."""
+def _missed(job: Job, start: StartRecord, planned: PlannedInterruption, delay_s: float,
+            target: int | None) -> Interruption:
+    """The start exited before its signal: fine if it finished (exit 0). The newest
+    checkpoint "then" is the newest committed when it had gone."""
     code = job.proc.wait()
     if code != 0:
         raise job.fail(f"start {start.number} of the tortured run ended on its own "
                        f"({exit_text(code)}) before its interruption")
     end_job(job, grace_s=KILL_WAIT_S)
-    resumed = first(start_events(job.run_dir, start), "resumed")
+    events = start_events(job.run_dir, start)
+    resumed = first(events, "resumed")
     return Interruption(start.number, planned.signal.name, planned.phase, delay_s, "missed",
-                        None if resumed is None else resumed.get("from_step"), None,
-                        exit_text(code), finished=True)
+                        None if resumed is None else resumed.get("from_step"),
+                        newest_checkpoint(job.run_dir, time.time()), exit_text(code),
+                        finished=True, target_step=target)
 
 
 def _where_landed(events: list[dict[str, Any]], hit_at: float, num_steps: int,
@@ -348,7 +362,7 @@ def _where_landed(events: list[dict[str, Any]], hit_at: float, num_steps: int,
         return "after training"
     if code == 0:  # it went on as if nothing had happened
         return "ignored"
-    began = first(events, *_BEGAN)
+    began = first(events, *BEGAN)
     if began is None or began["time"] > hit_at:
         return "start-up"
     if int(began.get("from_step") or 0) >= num_steps:  # resumed a finished run
