@@ -403,9 +403,9 @@ def print_tables(results: dict[tuple[int, str], list[Trial]]) -> None:
               f"{', '.join(f'{c} x{n}' for c, n in sorted(codes.items(), key=str))} |")
 
     print("\n## where signal -> exit goes (medians, seconds)\n")
-    print("| state | scenario | rest of step + vote | save in flight (finish or abandon) | stop save "
-          "(sync) | -> preempted event | fit's close (-> raise) | -> atexit | interpreter "
-          "finalization | signal -> exit |")
+    print("| state | scenario | rest of step + vote | save in flight (finish or abandon) "
+          "| stop save (sync) | -> preempted event | fit's close (-> raise) | -> atexit "
+          "| interpreter finalization | signal -> exit |")
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for (size, scenario), trials in results.items():
         ok = [t for t in trials if t.problem is None and t.exit is not None]

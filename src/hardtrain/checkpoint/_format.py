@@ -14,8 +14,8 @@ verifies on every core at once. XXH3 detects truncation, bit rot and torn writes
 ~12 GB/s per core; it is not a defence against an attacker who can also rewrite the
 manifest.
 
-Only two file types are ever read: ``.safetensors`` (parsed in ``_safetensors``, never through pickle)
-and ``.json``; ``.patch`` files are kept and verified as text, never parsed.
+Only two file types are ever read: ``.safetensors`` (parsed in ``_safetensors``, never
+through pickle) and ``.json``; ``.patch`` files are kept and verified as text, never parsed.
 A manifest naming anything else is refused.
 """
 
