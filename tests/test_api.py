@@ -14,6 +14,7 @@ PUBLIC = [
     "CheckpointInfo",
     "CheckpointMismatchError",
     "CheckpointPolicy",
+    "CheckpointStorageError",
     "CheckpointStore",
     "CheckpointWriteError",
     "EnvironmentChangedError",
