@@ -25,7 +25,10 @@ from hardtrain.errors import (
     NoCheckpointError,
     NonFiniteLossError,
     Preempted,
+    RunDirInUseError,
+    UnhealthyDeviceError,
 )
+from hardtrain.health import HealthReport
 from hardtrain.metadata import (
     EnvironmentChangedWarning,
     MetadataChange,
@@ -54,6 +57,7 @@ __all__ = [
     "FitResult",
     "HardenedTrainer",
     "HardtrainError",
+    "HealthReport",
     "LoadedCheckpoint",
     "MetadataChange",
     "MetadataPolicy",
@@ -63,6 +67,8 @@ __all__ = [
     "Preempted",
     "PreemptionGuard",
     "PreemptionPolicy",
+    "RunDirInUseError",
+    "UnhealthyDeviceError",
     "VerifyReport",
     "__version__",
     "capture_metadata",

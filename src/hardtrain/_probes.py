@@ -1,8 +1,9 @@
 """What the run metadata reads from the machine, each part on its own: git (GitPython),
 versions, installed packages, the CPU and memory (psutil), the GPUs (NVML through
-nvidia-ml-py; ``nvml`` is the seam tests fake), this process's CUDA device and the
-determinism flags. Each returns JSON-safe values or raises; ``hardtrain.metadata`` turns a
-raise into ``{"available": False, "reason": ...}``."""
+nvidia-ml-py, by ``hardtrain._nvml``: the seam tests fake, shared with the health
+probes), this process's CUDA device and the determinism flags. Each returns JSON-safe
+values or raises; ``hardtrain.metadata`` turns a raise into ``{"available": False,
+"reason": ...}``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import psutil
 import torch
 
+from hardtrain import _nvml
 from hardtrain._version import __version__
 from hardtrain.determinism import determinism_flags
 
@@ -149,39 +151,28 @@ def cpu() -> dict[str, Any]:
 
 def gpus(nvml: Any) -> dict[str, Any]:
     """GPU names, UUIDs, driver, VBIOS and ECC mode from NVML; unavailable says why."""
-    if nvml is None:
-        try:
-            import pynvml
+    try:
+        with _nvml.session(nvml) as lib:
+            devices = [_gpu(lib, index) for index in range(lib.nvmlDeviceGetCount())]
+            return {"available": True, "driver": _text(lib.nvmlSystemGetDriverVersion()),
+                    "devices": devices}
+    except _nvml.NvmlUnavailable as e:
+        return {"available": False, "reason": str(e)}
+    except Exception as e:
+        return {"available": False, "reason": f"NVML: {type(e).__name__}: {e}"}
 
-            nvml = pynvml
-        except ImportError as e:
-            return {"available": False, "reason": f"pynvml is not installed ({e})"}
-    try:
-        nvml.nvmlInit()
-    except Exception as e:
-        return {"available": False, "reason": f"NVML: {type(e).__name__}: {e}"}
-    try:
-        devices = []
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            devices.append({
-                "index": index,
-                "name": _text(nvml.nvmlDeviceGetName(handle)),
-                "uuid": _text(nvml.nvmlDeviceGetUUID(handle)),
-                "vbios": _nvml_or_reason(lambda h=handle: _text(
-                    nvml.nvmlDeviceGetVbiosVersion(h))),
-                "ecc_mode": _nvml_or_reason(lambda h=handle: "enabled" if
-                                            nvml.nvmlDeviceGetEccMode(h)[0] else "disabled"),
-                "memory_bytes": _nvml_or_reason(lambda h=handle: int(
-                    nvml.nvmlDeviceGetMemoryInfo(h).total)),
-            })
-        return {"available": True, "driver": _text(nvml.nvmlSystemGetDriverVersion()),
-                "devices": devices}
-    except Exception as e:
-        return {"available": False, "reason": f"NVML: {type(e).__name__}: {e}"}
-    finally:
-        with contextlib.suppress(Exception):
-            nvml.nvmlShutdown()
+
+def _gpu(lib: Any, index: int) -> dict[str, Any]:
+    handle = lib.nvmlDeviceGetHandleByIndex(index)
+    return {
+        "index": index,
+        "name": _text(lib.nvmlDeviceGetName(handle)),
+        "uuid": _text(lib.nvmlDeviceGetUUID(handle)),
+        "vbios": _nvml_or_reason(lambda: _text(lib.nvmlDeviceGetVbiosVersion(handle))),
+        "ecc_mode": _nvml_or_reason(
+            lambda: "enabled" if lib.nvmlDeviceGetEccMode(handle)[0] else "disabled"),
+        "memory_bytes": _nvml_or_reason(lambda: int(lib.nvmlDeviceGetMemoryInfo(handle).total)),
+    }
 
 
 def _nvml_or_reason(read: Any) -> Any:
@@ -199,5 +190,4 @@ def device() -> str | None:
     return f"cuda:{index} {torch.cuda.get_device_name(index)}"
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+_text = _nvml.text

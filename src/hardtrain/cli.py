@@ -1,16 +1,20 @@
-"""The ``hardtrain`` command: inspect and verify checkpoints, torture a training command.
+"""The ``hardtrain`` command: inspect and verify checkpoints, torture a training command,
+probe the GPUs.
 
     hardtrain ls RUN_DIR [--no-verify]
     hardtrain verify RUN_DIR [--step N]
     hardtrain metadata [RUN_DIR] [--step N] [--json]
     hardtrain torture [--kills N] [--signal term|kill|mix] [--seed S] ... -- CMD ...
+    hardtrain health [--dcgm-level N] [--dcgm-health] [--timeout S] [--json]
 
 RUN_DIR is a local path or an fsspec URL (s3://bucket/run). Exit codes of ls and verify:
 0 all good, 1 something failed verification, 2 bad usage or nothing to look at. metadata
 without RUN_DIR prints this environment's run metadata as JSON; with one, what differs
 from the run.json of its newest committed checkpoint that has a readable one: 0 nothing
 that breaks bit-exactness, 1 something that does, 2 bad usage or no run.json. Those of torture: see
-``hardtrain torture --help`` (``hardtrain.torture``).
+``hardtrain torture --help`` (``hardtrain.torture``). Those of health: 0 healthy (or
+only warnings), 1 unhealthy, 3 could not check (no NVML, dcgmi missing or failing), 2 bad
+usage.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 import fsspec
 
-from hardtrain import torture
+from hardtrain import health, torture
 from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
 from hardtrain.errors import CHECKPOINT_RUNBOOK, ENVIRONMENT_RUNBOOK, CheckpointError
 from hardtrain.metadata import METADATA_FILE, capture_metadata, metadata_changes
@@ -50,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "committed one with a readable run.json)")
     metadata.add_argument("--json", action="store_true", help="print the differences as JSON")
     _add_torture(commands)
+    _add_health(commands)
     # Everything after the first "--" is torture's command, split off here: argparse's
     # REMAINDER would take the command's own options for ours.
     split = argv.index("--") if "--" in argv else len(argv)
@@ -61,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "torture goes after --)")
             return _torture(args, argv[split + 1:])
     args = parser.parse_args(argv)
+    if args.command == "health":
+        return _health(args)
     try:
         if args.command == "ls":
             return _ls(args.run_dir, verify=not args.no_verify)
@@ -124,6 +131,67 @@ def _torture(args: argparse.Namespace, command: list[str]) -> int:
     for line in report.summary():
         print(line)
     return report.exit_code
+
+
+HEALTH_EXIT = {health.HealthStatus.HEALTHY: 0, health.HealthStatus.WARN: 0,
+               health.HealthStatus.UNHEALTHY: 1, health.HealthStatus.UNAVAILABLE: 3}
+HEALTH_EPILOG = """exit codes:
+  0  healthy: every probe passed or does not apply (warnings, if any, are listed)
+  1  unhealthy: a probe failed (the output names it, its value and its runbook)
+  2  bad usage
+  3  could not check: NVML is missing, or a dcgmi asked for is missing, failed or timed
+     out; never counted as healthy
+
+Probes and thresholds: docs/health.md"""
+
+
+def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "health", help="probe this host's GPUs (NVML, optionally dcgmi)",
+        description="Probe this host's GPUs through NVML (ECC, row remapping, NVLink, "
+        "clocks, temperature, PCIe, recovery action) and, if asked, dcgmi.",
+        epilog=HEALTH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dcgm-level", type=int, choices=(1, 2, 3, 4), metavar="N",
+                        help="also run `dcgmi diag -r N -j` (1 quick ... 4 extended)")
+    parser.add_argument("--dcgm-health", action="store_true",
+                        help="also run `dcgmi health -c -j` (watches set beforehand)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="limit for each dcgmi command (default: by level; 60 s for "
+                             "health)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _health(args: argparse.Namespace) -> int:
+    try:
+        report = health.probe(dcgm_level=args.dcgm_level, dcgm_health=args.dcgm_health,
+                              timeout_s=args.timeout)
+    except ValueError as e:
+        print(f"hardtrain health: {e}", file=sys.stderr)
+        return 2
+    code = HEALTH_EXIT.get(report.verdict, 3)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+        return code
+    rows = [("GPU", "PROBE", "STATUS", "VALUE")] + [
+        ("-" if r.gpu is None else str(r.gpu), r.probe, r.status.name, _short(r.value))
+        for r in report.results]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    print(f"{report.host}: {report.verdict.name} (action: {report.action.value})")
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[3])
+    for index, uuid in sorted({(r.gpu, r.uuid) for r in report.results
+                               if r.gpu is not None and r.uuid}):
+        print(f"GPU {index}: {uuid}")
+    for problem in report.problems():
+        print(f"{problem.status.name}: {problem.where()} {problem.probe}: "
+              f"{_printable(problem.reason)}")  # dcgmi's words: no terminal control codes
+    print(f"verdict {report.verdict.name}: exit {code}")
+    return code
+
+
+def _short(value: Any) -> str:
+    text = "-" if value is None else json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _open(run_dir: str) -> tuple[CheckpointStore, list[CheckpointInfo]]:

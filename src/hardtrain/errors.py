@@ -14,6 +14,10 @@
                                                       changed since the checkpoint (refused by
                                                       MetadataPolicy(on_change="refuse"))
     └── NonFiniteLossError (also FloatingPointError)  bad steps persisted through rollbacks
+    └── RunDirInUseError                              another live job holds the run_dir's
+                                                      lease (or took it over from this one)
+    └── UnhealthyDeviceError                          a GPU failed a health probe, or could
+                                                      not be checked (hardtrain.health)
 
     Preempted (a SystemExit, deliberately not an Exception)   fit stopped on a signal
 
@@ -25,6 +29,7 @@ hardtrain writes: a credential in a path or URL never reaches a log through them
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from hardtrain._redact import scrub
@@ -35,6 +40,10 @@ PREEMPTION_RUNBOOK = "runbooks/preemption.md"
 NAN_RUNBOOK = "runbooks/nan-during-training.md"
 ENVIRONMENT_RUNBOOK = "runbooks/environment-changed.md"
 STORAGE_RUNBOOK = "runbooks/storage-errors.md"
+ECC_RUNBOOK = "runbooks/ecc-errors.md"
+XID_RUNBOOK = "runbooks/xid-errors.md"
+THROTTLING_RUNBOOK = "runbooks/gpu-throttling.md"
+NVLINK_RUNBOOK = "runbooks/nvlink-degraded.md"
 
 
 class HardtrainError(Exception):
@@ -111,6 +120,45 @@ class NonFiniteLossError(HardtrainError, FloatingPointError):
     loss, gradient-norm and lr history."""
 
     runbook = NAN_RUNBOOK
+
+
+class RunDirInUseError(HardtrainError):
+    """Another job holds the run directory's lease (``lease.json``) and is alive: on this
+    host its process runs; from another host, its heartbeat advanced while this job
+    watched. Raised on every rank before the first step, with nothing written to the run
+    directory. Also raised during a run when another job took the lease over (it judged
+    this one dead): at the next step, without saving.
+
+    holder: the other job's lease as JSON (``host``, ``pid``, ``process_started_at``,
+    ``job_started_at``, ``beat``, ``beat_at``, ``heartbeat_s``; times in Unix seconds),
+    or None when its lease file could not be parsed.
+    """
+
+    runbook = STORAGE_RUNBOOK
+
+    def __init__(self, message: str, holder: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.holder = None if holder is None else dict(holder)
+
+
+class UnhealthyDeviceError(HardtrainError):
+    """A GPU failed a health probe (``hardtrain.health``), or the probes could not check
+    it and the caller did not accept that (``HealthReport.raise_for_status``).
+
+    report: the whole ``HealthReport``. result: the first problem (a ``ProbeResult``);
+    gpu, uuid, probe, value: its GPU index and UUID (None: the host), probe name and
+    value. runbook: that probe's runbook.
+    """
+
+    def __init__(self, message: str, *, report: Any = None, result: Any = None) -> None:
+        self.runbook = getattr(result, "runbook", None)
+        super().__init__(message)
+        self.report = report
+        self.result = result
+        self.gpu: int | None = getattr(result, "gpu", None)
+        self.uuid: str | None = getattr(result, "uuid", None)
+        self.probe: str | None = getattr(result, "probe", None)
+        self.value: Any = getattr(result, "value", None)
 
 
 class Preempted(SystemExit):
