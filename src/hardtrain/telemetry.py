@@ -8,6 +8,7 @@ Fields are redacted first (``hardtrain._redact``): no secret reaches the file or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from hardtrain._dist import rank_and_world_size
@@ -80,6 +82,7 @@ class MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._pending: deque[tuple[dict[str, Any], Any, Any]] = deque()
         self._flushed_at = time.monotonic()
+        self._failing = False
 
     def write(self, step: int, loss: Any, lr: float | None, step_time_s: float) -> None:
         entry: dict[str, Any] = {"step": step, "loss": None, "lr": lr,
@@ -101,10 +104,11 @@ class MetricsLog:
 
     def flush(self, *, durable: bool = False) -> None:
         self._write_ready(block=True)
-        self._file.flush()
         self._flushed_at = time.monotonic()
-        if durable:
-            os.fsync(self._file.fileno())
+        with self._storage_faults():
+            self._file.flush()
+            if durable:
+                os.fsync(self._file.fileno())
 
     def close(self) -> None:
         try:
@@ -124,11 +128,28 @@ class MetricsLog:
             self._emit(entry)
 
     def _emit(self, entry: dict[str, Any]) -> None:
-        self._file.write(_metrics_line(entry))
         now = time.monotonic()
-        if now - self._flushed_at >= self.flush_every_s:
-            self._file.flush()
-            self._flushed_at = now
+        with self._storage_faults():
+            self._file.write(_metrics_line(entry))
+            if now - self._flushed_at >= self.flush_every_s:
+                self._flushed_at = now
+                self._file.flush()
+
+    @contextlib.contextmanager
+    def _storage_faults(self) -> Iterator[None]:
+        """A full disk or a failing mount does not stop training for its metrics: one
+        warning per streak of failures; the file's buffer keeps what it could not write
+        and writes it once the storage takes it again."""
+        try:
+            yield
+        except OSError as e:
+            if not self._failing:
+                logger.warning("%s: writing metrics failed (%s: %s); training goes on and "
+                               "the lines are written when the storage takes them again",
+                               self.path, type(e).__name__, e)
+            self._failing = True
+        else:
+            self._failing = False
 
 
 def _metrics_line(entry: dict[str, Any]) -> str:

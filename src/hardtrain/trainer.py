@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from hardtrain._features.checkpointing import Checkpointing
+from hardtrain._features.lease import RunDirLease
 from hardtrain._features.logs import Logs, default_log_dir, is_remote
 from hardtrain._features.metadata import RunMetadata
 from hardtrain._features.nan import NanGuard
@@ -276,6 +277,9 @@ class HardenedTrainer:
         features: list[Feature] = []
         if self.preemption is not None:
             features.append(Preemption(self.preemption))
+        if self.checkpoint is not None or _logs_in_run_dir(self.run_dir, self.log_dir):
+            # fit writes into run_dir: one job at a time (before the logs open)
+            features.append(RunDirLease((self.checkpoint or _DEFAULT_CHECKPOINT).heartbeat_s))
         features.append(Logs(self.run_dir, self.log_dir, self.storage_options))
         if self.nan is not None:
             features.append(NanGuard(self.nan))
@@ -316,6 +320,12 @@ def _named(value: Any, what: str, kind: type | None) -> dict[str, Any]:
         if kind is not None and not isinstance(obj, kind):
             raise TypeError(f"{what}[{name!r}]={type(obj).__name__}: expected {kind.__name__}")
     return items
+
+
+def _logs_in_run_dir(run_dir: str, log_dir: str) -> bool:
+    """metrics.jsonl and events.jsonl are written into run_dir (or copied up to it)."""
+    return is_remote(run_dir) or (
+        os.path.abspath(log_dir) == os.path.abspath(default_log_dir(run_dir)))
 
 
 def _check_local_folder(run_dir: str) -> None:

@@ -287,7 +287,8 @@ def test_metrics_and_events(tmp_path: Path) -> None:
     assert lines[0]["lr"] == 1e-2 and lines[-1]["lr"] < 1e-2  # the lr each step used
     events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     names = [e["event"] for e in events]
-    assert names[0] == "training_started" and names[-1] == "training_finished"
+    assert names[:2] == ["lease_acquired", "training_started"]
+    assert names[-2:] == ["training_finished", "lease_released"]
     saved = [e for e in events if e["event"] == "checkpoint_saved"]
     assert [e["step"] for e in saved] == [4, 5]
     assert all(e["bytes"] > 0 and "blocking_s" in e and "persist_s" in e for e in saved)

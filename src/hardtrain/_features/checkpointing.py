@@ -14,20 +14,30 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from hardtrain import _dist
-from hardtrain._loop.protocol import Context, Effect, Feature, Slot, StepReport, Stop
+from hardtrain._loop.protocol import (
+    Context,
+    Effect,
+    Feature,
+    Slot,
+    StepReport,
+    Stop,
+    Verdict,
+)
 from hardtrain.checkpoint import CheckpointInfo, CheckpointStore, LoadedCheckpoint
 from hardtrain.checkpoint._policy import CheckpointPolicy
-from hardtrain.errors import CheckpointWriteError
+from hardtrain.errors import CheckpointStorageError, CheckpointWriteError
+
+logger = logging.getLogger(__name__)
 
 
 class Checkpointing(Feature):
     """Saves when due and at a stop; the ``Checkpoints`` service of the run."""
 
     name = "checkpoint"
-    slots = (Slot("checkpoint.due", Effect.SAVE),)
+    slots = (Slot("checkpoint.due", Effect.SAVE), Slot("checkpoint.unsaved", Effect.STOP))
 
     def __init__(self, policy: CheckpointPolicy, clock: Callable[[], float]) -> None:
         self.policy = policy
@@ -41,6 +51,10 @@ class Checkpointing(Feature):
         self.saving = False
         self._capture_s = 0.0  # the last save's capture time (before the store's part)
         self._costs: deque[float] = deque(maxlen=4)
+        self._inflight_step: int | None = None
+        self._committed_at = 0.0  # clock() at the last commit (or the start)
+        self._failure: str | None = None  # why the last save failed, until one commits
+        self._failed_step: int | None = None
 
     @property
     def store(self) -> CheckpointStore:
@@ -55,10 +69,22 @@ class Checkpointing(Feature):
     # --------------------------------------------------------------------------- hooks
 
     def open(self, ctx: Context) -> None:
+        """Collective. The store, and its preflight on every rank: storage that cannot take
+        a checkpoint stops the run here, before the first step, not at the first save."""
         self._store = CheckpointStore(ctx.run_dir, keep_last=self.policy.keep_last,
-                                      events=ctx.events, storage_options=ctx.storage_options)
+                                      events=ctx.events, storage_options=ctx.storage_options,
+                                      retry_for=self.policy.retry_for)
         self._ctx = ctx
-        self.saved_at = self._clock()
+        self.saved_at = self._committed_at = self._clock()
+        try:
+            self._store.preflight()
+            error = None
+        except CheckpointStorageError as e:
+            error = str(e)
+        errors = _dist.all_gather_json(error, ctx.group)
+        if any(errors):
+            raise CheckpointStorageError("; ".join(
+                e if len(errors) == 1 else f"rank {r}: {e}" for r, e in enumerate(errors) if e))
 
     def load_state_dict(self, state: Mapping[str, Any] | None,
                         checkpoint: CheckpointInfo) -> None:
@@ -67,17 +93,41 @@ class Checkpointing(Feature):
 
     def vote(self, report: StepReport | None) -> Sequence[int]:
         """Due once ``report``'s step is done? The final step, every N steps, or every
-        ``every`` of wall-clock time (not while a save is still being written)."""
+        ``every`` of wall-clock time (not while a save is still being written). And stop
+        when saves have failed for longer than ``max_unsaved`` since the last commit."""
         if report is None:
-            return (0,)
+            return (0, self._unsaved_too_long())
         self._collect(block=False)
         step = report.step + 1
         every = self.policy.every_steps
         if report.final or (every is not None and step % every == 0):
-            return (1,)
+            return (1, self._unsaved_too_long())
         every_s = self._every_s
-        return (int(every_s is not None and not self.saving
-                    and self._clock() - self.saved_at >= every_s),)
+        due = (every_s is not None and not self.saving
+               and self._clock() - self.saved_at >= every_s)
+        return (int(due), self._unsaved_too_long())
+
+    def stop(self, ctx: Context, verdict: Verdict) -> Stop:
+        return Stop(owner=self.name, reason="unsaved", step=ctx.state.step, deadline_at=None,
+                    skipped=verdict.skip, detail={})
+
+    def exit(self, ctx: Context, stop: Stop) -> NoReturn:
+        """No checkpoint has committed for ``max_unsaved``: say how long, why, and where a
+        restart would resume."""
+        self._finish_or_abandon(None)
+        since = self._clock() - self._committed_at
+        last = self.last
+        where = (f"a restart resumes from step {last.step} ({last.path})" if last is not None
+                 else "no checkpoint of this run has committed: a restart starts from scratch")
+        message = (f"no checkpoint has committed for {since:.0f} s (max_unsaved="
+                   f"{self.policy.max_unsaved_s:.0f} s) at step {stop.step}; the last save "
+                   f"(step {self._failed_step}) failed: {self._failure}. Training stops so "
+                   f"that no more work is at risk; {where}.")
+        ctx.events.record("checkpoint_unsaved_too_long", level=logging.ERROR, step=stop.step,
+                          since_commit_s=round(since, 3),
+                          max_unsaved_s=self.policy.max_unsaved_s, error=self._failure,
+                          checkpoint_step=None if last is None else last.step)
+        raise CheckpointStorageError(message)
 
     def on_stop(self, ctx: Context, stop: Stop) -> None:
         """Collective. The state is written once: when earlier saves say this step can be
@@ -87,6 +137,7 @@ class Checkpointing(Feature):
         checkpoint stays valid throughout. A discarded step is not saved: the restart must
         meet it again."""
         deadline_at = stop.deadline_at
+        self._settle_failure()
 
         def remaining_s() -> float | None:
             return None if deadline_at is None else deadline_at - self._clock()
@@ -111,9 +162,11 @@ class Checkpointing(Feature):
         )
 
     def close(self, ctx: Context, error: BaseException | None) -> None:
-        """Finish the save in flight (a committed checkpoint beats a fast exit)."""
+        """Finish the save in flight (a committed checkpoint beats a fast exit); its
+        failure is already an event."""
         if self._store is not None:
-            self._store.close()
+            with contextlib.suppress(CheckpointStorageError):
+                self._store.close()
 
     # ------------------------------------------------------------ the Checkpoints service
 
@@ -129,44 +182,86 @@ class Checkpointing(Feature):
     def set_aside_after(self, step: int, reason: str) -> None:
         self.store.set_aside_after(step, reason)
 
-    def save(self, *, sync: bool = False) -> None:
-        """Collective when distributed. Checkpoint the current step."""
+    def save(self, *, sync: bool = False, final: bool = False) -> None:
+        """Collective when distributed. Checkpoint the current step. A failure of the
+        storage is an event and a warning, and training goes on (``max_unsaved``), except
+        for the final checkpoint."""
         started = time.perf_counter()
         state, tensors, files = self.ctx.snapshot()
         self._collect(block=True)  # its result, before save_async waits it away
         self._capture_s = time.perf_counter() - started
         step = self.ctx.state.step
+        self.saved_step = step
         if self.policy.async_save and not sync:
             self.store.save_async(step, tensors, state, files=files)
-            self.saving = True
-        else:
+            self.saving, self._inflight_step = True, step
+            return
+        try:
             self._committed(self.store.save(step, tensors, state, files=files))
-        self.saved_step = step
+        except CheckpointStorageError as e:
+            if final:
+                raise
+            self._save_failed(step, e)
 
     def drain(self) -> None:
         self._collect(block=True)
 
     def save_final(self) -> None:
-        """Collective. The final checkpoint (unless this step is saved) and its commit."""
+        """Collective. The final checkpoint (unless this step is saved) and its commit;
+        its failure is raised."""
+        self._settle_failure()
         if self.saved_step != self.ctx.state.step:
-            self.save()
-        self._collect(block=True)
+            self.save(final=True)
+        self._collect(block=True, final=True)
 
     # ------------------------------------------------------------------------ internals
 
-    def _collect(self, *, block: bool) -> None:
+    def _collect(self, *, block: bool, final: bool = False) -> None:
         """If the background save has finished (or ``block``: once it has), take its
-        result, raising its error."""
+        result. A failure of the storage is raised only for the ``final`` one."""
         if self.saving and (block or not self.store.saving):
             self.saving = False
-            info = self.store.wait()
+            try:
+                info = self.store.wait()
+            except CheckpointStorageError as e:
+                if final:
+                    raise
+                self._save_failed(self._inflight_step, e)
+                return
             if info is not None:
                 self._committed(info)
 
     def _committed(self, info: CheckpointInfo) -> None:
         self.last = info
-        self.saved_at = self._clock()
+        self.saved_at = self._committed_at = self._clock()
+        self._failure = self._failed_step = None
         self._costs.append(self._capture_s + (info.blocking_s or 0) + (info.persist_s or 0))
+
+    def _save_failed(self, step: int | None, error: CheckpointStorageError) -> None:
+        """Not collective (each rank learns it when its thread is done): the next save
+        when due again; a stop once nothing has committed for ``max_unsaved``."""
+        self._failure, self._failed_step = str(error), step
+        self.saved_at = self._clock()
+        since = self._clock() - self._committed_at
+        logger.warning(
+            "rank=%d the checkpoint of step %s failed (%s); training goes on and the next "
+            "save is tried when due. No checkpoint has committed for %.0f s; the run stops "
+            "after %.0f s without one (max_unsaved).", self.ctx.rank, step, error, since,
+            self.policy.max_unsaved_s)
+
+    def _settle_failure(self) -> None:
+        """Collective. When the newest save asked for failed on any rank, the saved step is
+        the last committed one on every rank (each rank learns of a failure in its own
+        time)."""
+        failed = self._failed_step is not None and self._failed_step == self.saved_step
+        if _dist.agree(failed, self.ctx.group):
+            self.saved_step = None if self.last is None else self.last.step
+
+    def _unsaved_too_long(self) -> int:
+        """1 when saves have failed since the last commit, none is being written, and
+        the last commit (or the start) is older than ``max_unsaved``."""
+        return int(self._failure is not None and not self.saving
+                   and self._clock() - self._committed_at > self.policy.max_unsaved_s)
 
     def _finish_or_abandon(self, budget_s: float | None) -> None:
         """Wait up to ``budget_s`` (None: as long as it takes) for the save in flight,

@@ -139,16 +139,53 @@ def _prune(place: Place, newest: int) -> None:
             keep = set(good[-(place.keep_last - 1) :])
         prunable = [s for s in older if s not in keep]
     for step in prunable:
-        folder = place.folder(step)
         if step in place.rejected and place.manifest_exists(step):
             set_aside(place, step, place.rejected[step])
-            continue
-        if place.manifest_exists(step):  # every name a manifest may hold ends as ours do
-            place.storage.remove(f"{folder}/{MANIFEST}")
-            place.storage.sync_dir(folder)
+        elif _delete(place, step):
             place.events.record("checkpoint_pruned", step=step)
-        _remove_stale(place, folder, keep=set())
-        place.storage.rmdir(folder)
+
+
+def _delete(place: Place, step: int) -> bool:
+    """Remove ``step``'s folder: its manifest first (uncommitted from then on), then our
+    files in it; foreign files stay. True when it was committed."""
+    folder = place.folder(step)
+    committed = place.manifest_exists(step)
+    if committed:  # every name a manifest may hold ends as ours do
+        place.storage.remove(f"{folder}/{MANIFEST}")
+        place.storage.sync_dir(folder)
+    _remove_stale(place, folder, keep=set())
+    place.storage.rmdir(folder)
+    return committed
+
+
+def remove_uncommitted(place: Place, step: int) -> None:
+    """What a failed attempt at ``step`` left (it has no manifest): every rank's files."""
+    if not place.manifest_exists(step):
+        _delete(place, step)
+
+
+def drop_for_space(place: Place, failing: int) -> int | None:
+    """The storage is full while saving ``failing``: delete the oldest committed
+    checkpoint older than the newest one that verifies (which is never dropped, nor
+    anything newer, nor a damaged one: those are set aside, never deleted). Returns the
+    step dropped, or None when there is nothing left to drop; an event either way."""
+    newest = latest(place)
+    candidates = [s for s in place.steps() if newest is not None and s < newest.step
+                  and s not in place.rejected and place.manifest_exists(s)]
+    if not candidates:
+        place.events.record(
+            "checkpoint_room_exhausted", level=logging.ERROR, step=failing,
+            kept=None if newest is None else newest.step,
+            reason="the storage is full and no committed checkpoint older than the newest "
+                   "one that verifies is left to drop")
+        return None
+    _delete(place, candidates[0])
+    place.events.record(
+        "checkpoint_dropped_for_space", level=logging.WARNING, step=candidates[0],
+        saving=failing, kept=newest.step if newest else None,
+        reason=f"the storage is full (saving step {failing}): the oldest committed "
+               "checkpoint goes so that the newest can be written")
+    return candidates[0]
 
 
 def _remove_stale(place: Place, folder: str, *, keep: set[str] | None = None) -> None:

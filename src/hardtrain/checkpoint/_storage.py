@@ -29,7 +29,7 @@ from hardtrain.checkpoint._format import (
 from hardtrain.checkpoint._safetensors import encode_safetensors
 
 
-def _go_on() -> None:
+def never_stop() -> None:
     """The default ``check`` of a write: never stops it."""
 
 
@@ -37,7 +37,7 @@ class Storage(Protocol):
     """The seam between the store and the bytes. Paths are "/"-joined below the root."""
 
     def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor],
-                      check: Callable[[], None] = _go_on) -> Digest:
+                      check: Callable[[], None] = never_stop) -> Digest:
         """Durably write a safetensors file; return its size and checksums. ``check`` is
         called between pieces of the write; what it raises stops the write (nothing is
         left behind)."""
@@ -63,7 +63,11 @@ class Storage(Protocol):
     def listdir(self, path: str) -> list[str] | None:
         """The names in a folder, or None when it does not exist."""
 
-    def makedirs(self, path: str) -> None: ...
+    def makedirs(self, path: str) -> None:
+        """Make a folder and its parents; never a bucket."""
+
+    def bucket_exists(self) -> bool:
+        """Whether the root's bucket exists (True where there are no buckets)."""
 
     def sync_dir(self, path: str) -> None:
         """Make the folder's entries durable (a no-op on object stores)."""
@@ -94,7 +98,7 @@ class LocalStorage:
         return os.path.join(self.root, path) if path else self.root
 
     def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor],
-                      check: Callable[[], None] = _go_on) -> Digest:
+                      check: Callable[[], None] = never_stop) -> Digest:
         # Straight from the tensors' memory (no copy), in pieces, so that an abandoned
         # save stops within one piece instead of at the end of the file.
         header, pieces = encode_safetensors(tensors)
@@ -182,6 +186,9 @@ class LocalStorage:
         for folder in reversed(missing):  # each new entry durable in its parent
             self.sync_dir(os.path.dirname(folder))
 
+    def bucket_exists(self) -> bool:
+        return True
+
     def sync_dir(self, path: str) -> None:
         fd = os.open(self._abs(path), os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -260,7 +267,7 @@ class FsspecStorage:
         return f"{self.root}/{path}" if path else self.root
 
     def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor],
-                      check: Callable[[], None] = _go_on) -> Digest:
+                      check: Callable[[], None] = never_stop) -> Digest:
         return self.write_bytes(path, safetensors.torch.save(dict(tensors)))
 
     def write_bytes(self, path: str, data: bytes) -> Digest:
@@ -303,7 +310,16 @@ class FsspecStorage:
         return [n for n in names if n] if names or self.fs.isdir(target) else None
 
     def makedirs(self, path: str) -> None:
+        if hasattr(self.fs, "split_path"):  # a bucketed object store: keys need no folders,
+            return  # and its makedirs would create a missing bucket
         self.fs.makedirs(self._abs(path), exist_ok=True)
+
+    def bucket_exists(self) -> bool:
+        if not hasattr(self.fs, "split_path"):
+            return True
+        bucket = self.fs.split_path(self.root)[0]
+        self.fs.invalidate_cache(bucket)
+        return bool(self.fs.exists(bucket))
 
     def sync_dir(self, path: str) -> None:
         pass

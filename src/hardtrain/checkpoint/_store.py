@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import builtins
 import functools
+import logging
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 import torch
 
-from hardtrain.checkpoint import _load, _retention, _verify, _write
+from hardtrain.checkpoint import _load, _resilience, _retention, _verify, _write
 from hardtrain.checkpoint._place import Place
+from hardtrain.checkpoint._policy import parse_duration
 from hardtrain.checkpoint._reports import (
     CheckpointInfo,
     LoadedCheckpoint,
     SetAsideInfo,
     VerifyReport,
 )
+from hardtrain.checkpoint._resilience import RetryingStorage
 from hardtrain.checkpoint._staging import StagingBuffer
 from hardtrain.checkpoint._storage import LocalStorage, open_storage
 from hardtrain.checkpoint._worker import SaveWorker
@@ -44,9 +48,16 @@ class CheckpointStore:
     the same call on every rank. ``root`` must then be storage that every rank sees (a
     shared filesystem or a bucket).
 
+    A failure of the storage itself is ``CheckpointStorageError`` (a ``CheckpointWriteError``):
+    transient errors (timeouts, throttling, connection resets, 5xx) are first retried for
+    up to ``retry_for``; a full disk or quota makes room by dropping the oldest committed
+    checkpoints (never the newest that verifies) and tries again.
+
     keep_last: number of committed checkpoints to keep (>= 1), or None to keep all.
     events: where events go; by default ``<root>/events.jsonl`` for a local root, and
         the log only for a remote one.
+    retry_for: how long one storage operation is retried on transient errors (a
+        duration: seconds, "2min", a timedelta); 0 retries nothing.
     """
 
     def __init__(
@@ -56,9 +67,13 @@ class CheckpointStore:
         keep_last: int | None = None,
         events: EventSink | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        retry_for: timedelta | str | float = timedelta(minutes=2),
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ValueError(f"keep_last={keep_last!r}: must be an int >= 1, or None to keep all")
+        retry_for_s = parse_duration(retry_for, field="retry_for").total_seconds()
+        if retry_for_s < 0:
+            raise ValueError(f"retry_for={retry_for!r}: must be >= 0 (0: no retries)")
         self.root = os.fspath(root)
         storage = open_storage(self.root, storage_options)
         if events is None:
@@ -66,9 +81,22 @@ class CheckpointStore:
                 events = EventLog(os.path.join(storage.root, "events.jsonl"))
             else:
                 events = EventLog(None)
-        self._place = Place(self.root, storage, events, keep_last)
+        retrying = RetryingStorage(storage, retry_for_s, self._record)
+        self._place = Place(self.root, retrying, events, keep_last)
         self._staging = StagingBuffer()
         self._worker = SaveWorker()
+
+    def _record(self, event: str, **fields: Any) -> None:
+        path = fields.pop("path", "")
+        self._place.events.record(event, level=logging.WARNING,
+                                  path=self._place.location(path), **fields)
+
+    def preflight(self) -> None:
+        """Check that checkpoints can be written here before training starts: the root
+        is created if needed (a bucket never is) and a probe file is written, read back
+        and deleted through the same path saves use. CheckpointStorageError naming the
+        URL, the error and what to check. Not collective."""
+        _resilience.preflight(self._place.storage, self.root)
 
     # keep_last and events live in the Place, so that setting them here reaches every part
     @property

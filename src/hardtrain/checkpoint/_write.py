@@ -29,10 +29,16 @@ from hardtrain.checkpoint._format import (
 )
 from hardtrain.checkpoint._place import Place
 from hardtrain.checkpoint._reports import CheckpointInfo
-from hardtrain.checkpoint._retention import clean_up, set_aside
+from hardtrain.checkpoint._resilience import is_full
+from hardtrain.checkpoint._retention import (
+    clean_up,
+    drop_for_space,
+    remove_uncommitted,
+    set_aside,
+)
 from hardtrain.checkpoint._staging import StagedTensors, StagingBuffer
 from hardtrain.checkpoint._verify import verify
-from hardtrain.errors import CheckpointError, CheckpointWriteError
+from hardtrain.errors import CheckpointError, CheckpointStorageError, CheckpointWriteError
 
 
 class _Abandoned(Exception):
@@ -77,7 +83,7 @@ def prepare(
     rank, world_size = _dist.rank_and_world_size()
     group = place.group()
     started = time.perf_counter()
-    staged, state_json, error = StagedTensors({}, []), b"", None
+    staged, state_json, error, storage = StagedTensors({}, []), b"", None, False
     try:
         check_step(step)
         check_tensors(tensors)
@@ -94,9 +100,11 @@ def prepare(
         if world_size == 1:
             raise
         error = f"{type(e).__name__}: {e}"
+        storage = isinstance(e, CheckpointStorageError)
     if world_size > 1:
         votes = _dist.all_gather_json({"step": step if isinstance(step, int) else None,
-                                       "error": error, "files": sorted(files or {})}, group)
+                                       "error": error, "storage": storage,
+                                       "files": sorted(files or {})}, group)
         problems = [f"rank {r}: {v['error']}" for r, v in enumerate(votes) if v["error"]]
         names = [name for v in votes for name in v["files"]]
         if len(set(names)) != len(names):
@@ -105,7 +113,9 @@ def prepare(
             steps = ", ".join(f"rank {r} step {v['step']}" for r, v in enumerate(votes))
             problems.append(f"the ranks asked for different steps ({steps})")
         if problems:
-            raise CheckpointWriteError(
+            failure = (CheckpointStorageError if any(v["storage"] for v in votes)
+                       else CheckpointWriteError)
+            raise failure(
                 f"step {step} not saved on any rank: " + "; ".join(problems)
                 + "; nothing was written and earlier checkpoints are untouched."
             )
@@ -116,8 +126,16 @@ def prepare(
 def _clear_way(place: Place, step: int) -> None:
     """Refuse to replace a committed checkpoint that verifies; set a damaged one aside
     (renamed, invisible to loading, kept for diagnosis) so that its step can be saved
-    again after a fallback."""
-    if not place.manifest_exists(step):
+    again after a fallback. The storage failing meanwhile is CheckpointStorageError."""
+    try:
+        committed = place.manifest_exists(step)
+    except Exception as e:  # OSError, or an HTTP client's own error class
+        reason = (f"looking for an earlier checkpoint of step {step} failed "
+                  f"({type(e).__name__}: {e}); nothing was written.")
+        place.events.record("checkpoint_save_failed", level=logging.ERROR, step=step,
+                            error=reason)
+        raise CheckpointStorageError(f"{place.path(step)}: {reason}") from e
+    if not committed:
         return
     if step not in place.rejected:
         report = verify(place, step)
@@ -133,11 +151,48 @@ def _clear_way(place: Place, step: int) -> None:
 
 def persist(place: Place, job: Job) -> CheckpointInfo:
     """Write this rank's files, vote, and (rank 0) commit. Runs in the background thread
-    for save_async. Every rank makes the same collective calls on every path."""
+    for save_async. Every rank makes the same collective calls on every path. A full disk
+    (or quota) on any rank makes room (the oldest committed checkpoint but the newest that
+    verifies goes) and the files are written again, as long as there is something to drop."""
     started = time.perf_counter()
     rank, world_size = _dist.rank_and_world_size()
+    while True:
+        reports = _dist.all_gather_json(_write_files(place, job, rank), job.group)
+        failed = {r: rep["error"] for r, rep in enumerate(reports) if rep["error"] is not None}
+        failed.update({r: f"saved step {rep['step']}" for r, rep in enumerate(reports)
+                       if rep["step"] != job.step})
+        if not failed:
+            commit_error = _commit(place, job, world_size, reports) if rank == 0 else None
+            commit_error = _dist.all_gather_json(commit_error, job.group)[0]
+            if commit_error is None:
+                break
+            failed = {0: f"writing the manifest failed ({commit_error['error']}): the "
+                         "checkpoint is not committed"}
+            reports[0]["full"] = commit_error["full"]
+        if not (any(rep["full"] for rep in reports) and _make_room(place, job, rank)):
+            _fail(place, job.step, "write failed on rank(s) " + ", ".join(
+                f"{r} ({err})" for r, err in failed.items()
+            ) + "; nothing was committed and earlier checkpoints are untouched.",
+                abandoned=job.cancel.is_set())
+    place.rejected.pop(job.step, None)  # a new checkpoint: the damaged one is set aside
+    if rank == 0:
+        clean_up(place, job.step, {file[0] for rep in reports for file in rep["files"]})
+    num_bytes = sum(file[1] for rep in reports for file in rep["files"])
+    persist_s = time.perf_counter() - started
+    place.events.record(
+        "checkpoint_saved", step=job.step, bytes=num_bytes,
+        blocking_s=round(job.blocking_s, 6), persist_s=round(persist_s, 6),
+    )
+    return CheckpointInfo(
+        job.step, place.path(job.step), True, num_bytes=num_bytes,
+        world_size=world_size, blocking_s=job.blocking_s, persist_s=persist_s,
+    )
+
+
+def _write_files(place: Place, job: Job, rank: int) -> dict[str, Any]:
+    """This rank's files of ``job``, written and synced: the report every rank sends."""
     folder = place.folder(job.step)
-    report: dict[str, Any] = {"step": job.step, "error": None, "files": []}
+    report: dict[str, Any] = {"step": job.step, "error": None, "full": False, "files": []}
 
     def go_on() -> None:
         if job.cancel.is_set():
@@ -164,33 +219,19 @@ def persist(place: Place, job: Job) -> CheckpointInfo:
         go_on()
     except Exception as e:
         report["error"] = f"{type(e).__name__}: {e}"
-    reports = _dist.all_gather_json(report, job.group)
-    failed = {r: rep["error"] for r, rep in enumerate(reports) if rep["error"] is not None}
-    failed.update({r: f"saved step {rep['step']}" for r, rep in enumerate(reports)
-                   if rep["step"] != job.step})
-    if failed:
-        _fail(place, job.step, "write failed on rank(s) " + ", ".join(
-            f"{r} ({err})" for r, err in failed.items()
-        ) + "; nothing was committed and earlier checkpoints are untouched.",
-            abandoned=job.cancel.is_set())
-    commit_error = _commit(place, job.step, world_size, reports) if rank == 0 else None
-    commit_error = _dist.all_gather_json(commit_error, job.group)[0]
-    if commit_error is not None:
-        _fail(place, job.step, f"writing the manifest failed ({commit_error}); the checkpoint "
-              "is not committed and earlier checkpoints are untouched.")
-    place.rejected.pop(job.step, None)  # a new checkpoint: the damaged one is set aside
-    if rank == 0:
-        clean_up(place, job.step, {file[0] for rep in reports for file in rep["files"]})
-    num_bytes = sum(file[1] for rep in reports for file in rep["files"])
-    persist_s = time.perf_counter() - started
-    place.events.record(
-        "checkpoint_saved", step=job.step, bytes=num_bytes,
-        blocking_s=round(job.blocking_s, 6), persist_s=round(persist_s, 6),
-    )
-    return CheckpointInfo(
-        job.step, place.path(job.step), True, num_bytes=num_bytes,
-        world_size=world_size, blocking_s=job.blocking_s, persist_s=persist_s,
-    )
+        report["full"] = is_full(e)
+    return report
+
+
+def _make_room(place: Place, job: Job, rank: int) -> bool:
+    """Collective. After a full disk: rank 0 removes what this attempt wrote and drops the
+    oldest committed checkpoint it may; True on every rank when one was dropped (then the
+    save is tried again)."""
+    dropped = None
+    if rank == 0 and not job.cancel.is_set():
+        remove_uncommitted(place, job.step)
+        dropped = drop_for_space(place, job.step)
+    return _dist.all_gather_json(dropped, job.group)[0] is not None
 
 
 def _fail(place: Place, step: int, reason: str, *, abandoned: bool = False) -> NoReturn:
@@ -200,16 +241,17 @@ def _fail(place: Place, step: int, reason: str, *, abandoned: bool = False) -> N
     if abandoned:
         place.events.record("checkpoint_save_abandoned", level=logging.WARNING, step=step,
                             error=reason)
-    else:
-        place.events.record("checkpoint_save_failed", level=logging.ERROR, step=step,
-                            error=reason)
-    raise CheckpointWriteError(f"{place.path(step)}: {reason}")
+        raise CheckpointWriteError(f"{place.path(step)}: {reason}")
+    place.events.record("checkpoint_save_failed", level=logging.ERROR, step=step,
+                        error=reason)
+    raise CheckpointStorageError(f"{place.path(step)}: {reason}")
 
 
 def _commit(
-    place: Place, step: int, world_size: int, reports: list[dict[str, Any]]
-) -> str | None:
+    place: Place, job: Job, world_size: int, reports: list[dict[str, Any]]
+) -> dict[str, Any] | None:
     """Write the manifest; None when committed, else why not (and then no manifest)."""
+    step = job.step
     path = f"{place.folder(step)}/{MANIFEST}"
     files = [
         FileEntry(name, rank, Digest(num_bytes, whole, tuple(chunks)))
@@ -222,7 +264,7 @@ def _commit(
     except Exception as e:
         with contextlib.suppress(OSError):  # renamed but not durable: undo the commit
             place.storage.remove(path)
-        return f"{type(e).__name__}: {e}"
+        return {"error": f"{type(e).__name__}: {e}", "full": is_full(e)}
     return None
 
 
