@@ -199,3 +199,24 @@ def test_a_new_feature_stops_both_ranks_when_one_sees_its_file(tmp_path: Path) -
     assert ht.CheckpointStore(run_dir).latest().step == 7  # type: ignore[union-attr]
     for rank in range(2):
         assert max(rank_losses(out, rank)) == 7
+
+
+def test_saves_failing_on_one_rank_leave_both_training(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Rank 1's storage fails the checkpoints of steps 6 and 9: no commit on any rank,
+    both ranks go on (each learns of it in its own time, and they agree at the end), and
+    the run ends at step 14 equal to the run never troubled."""
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    run_dir.mkdir(), out.mkdir()
+    done = torchrun(run_dir, out, "--fail-rank", "1", "--fail-steps", "6,9")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank=0 step=14" in done.stdout and "rank=1 step=14" in done.stdout
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    failed = sorted({e["step"] for e in events if e["event"] == "checkpoint_save_failed"})
+    assert failed == [6, 9]
+    assert all("rank(s) 1" in e["error"] for e in events if e["event"] == "checkpoint_save_failed")
+    assert [i.step for i in ht.CheckpointStore(run_dir).list()] == [12, 14]
+    for rank in (0, 1):
+        assert rank_losses(out, rank) == rank_losses(runs["straight-out"], rank)
+    assert_same_run(runs["straight"], run_dir)

@@ -6,7 +6,8 @@ torchrun's first attempt with --first-attempt-only. --term-rank R --term-at K se
 SIGTERM inside step K+1. --nan-rank R --nan-at K gives rank R a NaN loss once, in step K+1.
 --stop-file PATH --stop-rank R --stop-at K: the trainer has the example StopFile feature
 (tests/features/stop_file.py) watching PATH ({rank}: each rank its own), and rank R
-creates its file in step K+1.
+creates its file in step K+1. --fail-rank R --fail-steps A,B: rank R's storage fails
+(EIO) every write of the checkpoints of steps A and B.
 """
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ def main() -> None:
     parser.add_argument("--stop-file", default=None)
     parser.add_argument("--stop-rank", type=int, default=None)
     parser.add_argument("--stop-at", type=int, default=None)
+    parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--fail-steps", default="")
     args = parser.parse_args()
 
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if distributed else 0
+    if rank == args.fail_rank:
+        fail_writes([int(s) for s in args.fail_steps.split(",") if s])
     ht.seed_everything(0)
     if args.deep:
         layers = [torch.nn.Linear(6, 64)] + [torch.nn.Linear(64, 64) for _ in range(4)]
@@ -98,6 +103,22 @@ def main() -> None:
     print(f"rank={rank} step={result.step} resumed_from={result.resumed_from}", flush=True)
     if distributed:
         dist.destroy_process_group()
+
+
+def fail_writes(steps: list[int]) -> None:
+    """This rank's storage fails every write into the folders of ``steps``."""
+    import errno
+
+    from hardtrain.checkpoint import _storage
+
+    write = _storage.LocalStorage.write_tensors
+
+    def failing(self, path, tensors, check=_storage.never_stop):  # type: ignore[no-untyped-def]
+        if any(f"step-{s:08d}" in path for s in steps):
+            raise OSError(errno.EIO, "Input/output error")
+        return write(self, path, tensors, check)
+
+    _storage.LocalStorage.write_tensors = failing  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
