@@ -274,6 +274,9 @@ class Checkpointing(Feature):
             info = self.store.wait(timeout=None if budget_s is None else max(budget_s, 0.0))
         except (TimeoutError, concurrent.futures.TimeoutError):  # not the same before 3.11
             info = self.store.abandon()
+        except CheckpointStorageError as e:  # an event already
+            info = None
+            self._failure, self._failed_step = str(e), self._inflight_step
         except CheckpointWriteError:
             info = None  # recorded as checkpoint_save_failed (or _abandoned)
         if info is not None:
