@@ -87,7 +87,7 @@ def record(**changes: Any) -> LeaseRecord:
     """A lease as another job would write it: by default this host, a pid nobody has."""
     now = time.time()
     fields: dict[str, Any] = dict(
-        host=socket.gethostname(), machine=_lease._machine(), pid=2**22 + 7,
+        host=socket.gethostname(), machine=_lease.boot_and_namespace(), pid=2**22 + 7,
         process_started_at=now - 100, job_started_at=now - 90, token=uuid.uuid4().hex,
         beat=12, beat_at=now - 5, heartbeat_s=60.0)
     return LeaseRecord(**{**fields, **changes})

@@ -33,8 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
-import psutil
-
+from hardtrain._process import boot_and_namespace, liveness, started_at
 from hardtrain.checkpoint._storage import Storage
 from hardtrain.errors import RunDirInUseError
 
@@ -208,8 +207,9 @@ class Lease:
 
     def _claim(self) -> None:
         now = time.time()
-        record = LeaseRecord(host=socket.gethostname(), machine=_machine(), pid=os.getpid(),
-                             process_started_at=_process_started_at(os.getpid()),
+        record = LeaseRecord(host=socket.gethostname(), machine=boot_and_namespace(),
+                             pid=os.getpid(),
+                             process_started_at=started_at(os.getpid()),
                              job_started_at=now, token=secrets.token_hex(16), beat=0,
                              beat_at=now, heartbeat_s=self.heartbeat_s)
         self.storage.write_bytes(LEASE_FILE, record.encode())
@@ -258,7 +258,7 @@ class Lease:
 
 def _liveness(record: LeaseRecord) -> tuple[bool | None, str]:
     """Whether the lease's holder is alive (None: this machine cannot tell), and why."""
-    if record.host != socket.gethostname() or record.machine != _machine():
+    if record.host != socket.gethostname() or record.machine != boot_and_namespace():
         where = ("another host" if record.host != socket.gethostname()
                  else "another boot or pid namespace of this host")
         return None, f"it is held from {where}"
@@ -267,38 +267,7 @@ def _liveness(record: LeaseRecord) -> tuple[bool | None, str]:
         if record.token in _LIVE:
             return True, "this process holds it (another fit on the same run_dir)"
         return False, "an earlier fit of this process left it behind"
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False, f"pid {pid} has exited"
-        started = process.create_time()
-    except psutil.NoSuchProcess:
-        return False, f"pid {pid} is not running"
-    except psutil.Error as e:
-        return None, f"pid {pid} cannot be checked ({type(e).__name__})"
-    if record.process_started_at is None:
-        return None, f"pid {pid} runs, and the lease does not say when its process started"
-    if abs(started - record.process_started_at) > _SAME_START_S:
-        return False, f"pid {pid} is now another process (started {_iso(started)})"
-    return True, f"pid {pid} is running"
-
-
-def _machine() -> str | None:
-    """This boot of this machine, and this pid namespace (containers on one host have
-    their own); None where /proc does not tell (then the host name alone decides)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot = f.read().strip()
-        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
-    except OSError:
-        return None
-
-
-def _process_started_at(pid: int) -> float | None:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return None
+    return liveness(pid, record.process_started_at, tolerance_s=_SAME_START_S)
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -30,7 +30,8 @@ from typing import Any
 import fsspec
 
 from hardtrain import health, torture
-from hardtrain.checkpoint import CheckpointInfo, CheckpointStore
+from hardtrain.checkpoint import CheckpointInfo, CheckpointStore, FileProblem, VerifyReport
+from hardtrain.checkpoint._format import step_dir_name
 from hardtrain.errors import CHECKPOINT_RUNBOOK, ENVIRONMENT_RUNBOOK, CheckpointError
 from hardtrain.metadata import METADATA_FILE, capture_metadata, metadata_changes
 
@@ -228,7 +229,7 @@ def _ls(run_dir: str, *, verify: bool) -> int:
         elif info.problem:
             state, bad = f"BAD: {info.problem}", bad + 1
         elif verify:
-            report = store.verify(info.step)
+            report = _verify_step(store, info.step)
             state = "verified" if report.ok else "BAD: " + "; ".join(map(str, report.problems))
             bad += not report.ok
         else:
@@ -256,6 +257,17 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _verify_step(store: CheckpointStore, step: int) -> VerifyReport:
+    """``store.verify(step)``; what it raises is that step's problem, never the end of
+    the listing: the other steps are still reported."""
+    try:
+        return store.verify(step)
+    except Exception as e:
+        return VerifyReport(step, f"{store.root.rstrip('/')}/checkpoints/"
+                            f"{step_dir_name(step)}", (FileProblem(
+                                "-", "unreadable", f"{type(e).__name__}: {e}"),))
+
+
 def _verify(run_dir: str, step: int | None) -> int:
     store, infos = _open(run_dir)
     steps = [step] if step is not None else [i.step for i in infos if i.committed]
@@ -267,12 +279,12 @@ def _verify(run_dir: str, step: int | None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for s in steps:
-            report = store.verify(s)
-            print(f"{report.path}: {'ok' if report.ok else 'FAILED'}")
+            report = _verify_step(store, s)
+            print(_printable(f"{report.path}: {'ok' if report.ok else 'FAILED'}"))
             for problem in report.problems:
-                print(f"  {problem}")
+                print(f"  {_printable(str(problem))}")
             for name in report.ignored:
-                print(f"  ignored, not in the manifest: {name}")
+                print(f"  ignored, not in the manifest: {_printable(name)}")
             bad += not report.ok
     if bad:
         print(f"{bad} of {len(steps)} checkpoint(s) failed; see {CHECKPOINT_RUNBOOK}")
@@ -296,7 +308,7 @@ def _metadata(run_dir: str | None, step: int | None, *, as_json: bool) -> int:
             saved = json.loads(store.read_file(candidate, METADATA_FILE))
             step = candidate
             break
-        except (CheckpointError, FileNotFoundError, ValueError) as e:
+        except (CheckpointError, FileNotFoundError, ValueError, RecursionError) as e:
             if len(steps) == 1:
                 hint = "" if isinstance(e, CheckpointError) else \
                     ": written with metadata=None or by an older hardtrain"
@@ -318,7 +330,7 @@ def _metadata(run_dir: str | None, step: int | None, *, as_json: bool) -> int:
         print(json.dumps([c.as_json() for c in changes], indent=1))
     else:
         for problem in problems:
-            print(f"skipped {problem}")
+            print(f"skipped {_printable(problem)}")
         print(f"step {step} of {run_dir} against this environment:")
         _print_changes("breaks bit-exactness", breaking)
         _print_changes("other differences", [c for c in changes if not c.breaks_exactness])

@@ -17,9 +17,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from hardtrain._dist import rank_and_world_size
+from hardtrain._files import NotRegularFileError, open_regular
 from hardtrain._redact import redact, scrub
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ class EventLog:
 
     The file is opened per event in append mode, so several ranks may share it and a crash
     loses at most the line being written. Recording never raises: if the file cannot be
-    written, that is logged and the event still reaches the log and ``records``.
+    written, that is logged and the event still reaches the log and ``records``. That
+    includes a symlink, FIFO or anything but a regular file at ``path``: never written
+    through, each event a warning naming what is there.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
@@ -54,7 +57,7 @@ class EventLog:
             if self.path is not None:
                 try:
                     os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-                    with open(self.path, "a", encoding="utf-8") as f:
+                    with _open_append(self.path) as f:
                         f.write(line + "\n")
                 except OSError as e:  # a full disk must not turn an event into a new failure
                     logger.warning("could not append to %s: %s", self.path, scrub(str(e)))
@@ -72,6 +75,9 @@ class MetricsLog:
     OS at least once a second and at every ``flush()``: the trainer flushes (durably)
     before each checkpoint, so a killed process loses only lines of steps after its last
     checkpoint, which the restart replays and writes again.
+
+    A symlink, FIFO or anything but a regular file at ``path`` is ``NotRegularFileError``
+    here, before the first step: never written through.
     """
 
     flush_every_s = 1.0
@@ -79,7 +85,13 @@ class MetricsLog:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        try:
+            self._file = _open_append(self.path)
+        except NotRegularFileError as e:
+            raise NotRegularFileError(
+                f"{e}; hardtrain never writes through a link (or into a FIFO or device) in "
+                "a run directory: move it away (what it points to is untouched) and start "
+                "again", e.kind, e.path) from None
         self._pending: deque[tuple[dict[str, Any], Any, Any]] = deque()
         self._flushed_at = time.monotonic()
         self._failing = False
@@ -150,6 +162,13 @@ class MetricsLog:
             self._failing = True
         else:
             self._failing = False
+
+
+def _open_append(path: str) -> TextIO:
+    """``path`` opened to append text: a regular file only, never through a symlink and
+    never a FIFO or device (``NotRegularFileError`` naming what is there)."""
+    fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=0o666)  # as open()
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def _metrics_line(entry: dict[str, Any]) -> str:

@@ -189,7 +189,7 @@ class HardenedTrainer:
         """
         store = CheckpointStore(self.run_dir, events=EventLog(None),
                                 storage_options=self.storage_options)
-        loaded = store.load(step=step)
+        loaded = store.load(step=step, check=self._state.check)
         self._state.restore(loaded.state.get(STATE_KEY), loaded.tensors, loaded.path)
         self._state.release_data()  # the next fit resumes from the checkpoint anyway
         return CheckpointInfo(loaded.step, loaded.path, True)

@@ -255,7 +255,7 @@ def test_a_pickle_in_place_of_a_data_file_is_never_unpickled(
     rewrite_manifest(folder(tmp_path, 200), lambda files: files[target].update(
         entry_for(data)
     ))
-    with pytest.warns(ht.CheckpointFallbackWarning, match="unreadable"):
+    with pytest.warns(ht.CheckpointFallbackWarning, match="malformed"):
         assert ht.CheckpointStore(tmp_path).load().step == 100
     assert not sentinel.exists()
 

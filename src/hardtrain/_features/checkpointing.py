@@ -170,8 +170,9 @@ class Checkpointing(Feature):
 
     # ------------------------------------------------------------ the Checkpoints service
 
-    def load(self, step: int | None = None) -> LoadedCheckpoint:
-        return self.store.load(step=step)
+    def load(self, step: int | None = None,
+             check: Callable[[LoadedCheckpoint], None] | None = None) -> LoadedCheckpoint:
+        return self.store.load(step=step, check=check)
 
     def read_file(self, step: int, name: str) -> bytes:
         return self.store.read_file(step, name)

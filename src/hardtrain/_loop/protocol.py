@@ -162,8 +162,10 @@ class Checkpoints(Protocol):
     def last(self) -> CheckpointInfo | None:
         """The newest committed (or loaded) checkpoint of this run."""
 
-    def load(self, step: int | None = None) -> LoadedCheckpoint:
-        """Collective. The newest verified checkpoint (or ``step``'s); NoCheckpointError."""
+    def load(self, step: int | None = None,
+             check: Callable[[LoadedCheckpoint], None] | None = None) -> LoadedCheckpoint:
+        """Collective. The newest verified checkpoint (or ``step``'s); NoCheckpointError.
+        ``check`` decodes it: what it raises is damage (see ``CheckpointStore.load``)."""
 
     def read_file(self, step: int, name: str) -> bytes:
         """One extra file of a committed checkpoint, verified (``run.json``)."""

@@ -95,7 +95,7 @@ class Run:
         if self.checkpoints is None:
             return None
         try:
-            loaded = self.checkpoints.load()
+            loaded = self.checkpoints.load(check=self.state.check)  # damage: the previous
         except NoCheckpointError:
             return None
         info = CheckpointInfo(loaded.step, loaded.path, True)
@@ -115,7 +115,7 @@ class Run:
         if None) into the user's objects and every feature: a rollback, a recovery."""
         assert self.checkpoints is not None, "reload needs checkpointing"
         self.checkpoints.drain()  # the save in flight commits (or fails) first
-        loaded = self.checkpoints.load(step)
+        loaded = self.checkpoints.load(step, check=self.state.check)
         self.state.release_data()  # its worker processes go now, not at garbage collection
         info = CheckpointInfo(loaded.step, loaded.path, True)
         self._restore(loaded, info)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from hardtrain import _dist
@@ -24,6 +27,7 @@ from hardtrain._resume_checks import (
     model_differences,
     signature_differences,
 )
+from hardtrain.checkpoint import LoadedCheckpoint
 from hardtrain.data import DataCursor, generators_of
 from hardtrain.errors import CheckpointMismatchError
 from hardtrain.state import capture_rng, flatten, restore_rng, unflatten
@@ -57,6 +61,7 @@ class UserState:
         self.cursor = DataCursor(data, self._capture_rng, self._restore_rng)
         self._taking_batch: AbstractContextManager[None] = _NO_CONTEXT
         self._first_optimizer = next(iter(self.optimizers.values()))
+        self._decoded: tuple[dict[str, Any], Decoded] | None = None  # by check, for restore
 
     @property
     def data(self) -> Any:
@@ -132,48 +137,211 @@ class UserState:
             "data_generators": sorted(generators_of(self._data)),
         }
 
+    def check(self, loaded: LoadedCheckpoint) -> None:
+        """For ``CheckpointStore.load(check=...)``: decode the trainer's state of a
+        checkpoint whose files verified, touching nothing. What raises here is damage
+        (the state refers to tensors the file lacks, a field is missing or of the wrong
+        type, an RNG state that cannot be set): the store rejects the step and falls back
+        to the previous one. A checkpoint that does not fit this trainer passes: that is
+        ``restore``'s CheckpointMismatchError."""
+        saved = loaded.state.get(STATE_KEY)
+        if isinstance(saved, dict) and saved.get("format") == FORMAT:
+            self._decoded = (saved, decode(saved, loaded.tensors))
+
     def restore(self, saved: Any, tensors: Mapping[str, torch.Tensor], path: str) -> None:
         """Check that the checkpoint fits, then load it into the user's objects in place.
-        Nothing is touched unless everything fits."""
+        Nothing is touched unless everything fits. Load it with ``check``: a damaged
+        state is then the store's fallback, not an error here."""
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise CheckpointMismatchError(
                 f"{path} was not written by HardenedTrainer (format {FORMAT}); load it with "
                 "CheckpointStore, or use another run_dir."
             )
+        checked, self._decoded = self._decoded, None
+        state = checked[1] if checked is not None and checked[0] is saved else decode(
+            saved, tensors)
         model = unwrap(self.model)
-        saved_model = unflatten(saved["model"], tensors)
-        differences = model_differences(model.state_dict(), saved_model)
-        differences += signature_differences(saved["signature"], self.signature())
-        differences += device_differences(saved["rng"])
+        differences = model_differences(model.state_dict(), state.model)
+        differences += signature_differences(state.signature, self.signature())
+        differences += device_differences(state.rng)
         if differences:
             raise CheckpointMismatchError(
                 f"{path} does not fit this trainer: " + "; ".join(differences) + ". Nothing "
                 "was loaded or overwritten. Resume with the model, optimizer and settings that "
                 "wrote it, or start this configuration in a new run_dir."
             )
-        model.load_state_dict(saved_model)
+        model.load_state_dict(state.model)
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(unflatten(saved["optimizers"][name], tensors))
+            opt.load_state_dict(state.optimizers[name])
         for name, scheduler in self.schedulers.items():
-            scheduler.load_state_dict(unflatten(saved["schedulers"][name], tensors))
+            scheduler.load_state_dict(state.schedulers[name])
         if self.scaler is not None:
-            self.scaler.load_state_dict(unflatten(saved["scaler"], tensors))
+            self.scaler.load_state_dict(state.scaler)
         for name, obj in self.extra_state.items():
-            obj.load_state_dict(unflatten(saved["extra"][name], tensors))
-        self.step = saved["step"]
+            obj.load_state_dict(state.extra[name])
+        self.step = state.step
         with self._taking_batch:  # the data may fork loader workers
-            warning = self.cursor.restore(unflatten(saved["data"], tensors))
+            warning = self.cursor.restore(state.data)
         if warning is not None:
             warning = scrub(warning)
             warnings.warn(warning, stacklevel=5)
             logger.warning("rank=%d %s", _dist.rank_and_world_size()[0], warning)
-        self._restore_rng(unflatten(saved["rng"], tensors))  # last: the data moved them
+        self._restore_rng(state.rng)  # last: the data moved them
 
     def _capture_rng(self) -> dict[str, Any]:
         return capture_rng(generators_of(self._data))
 
     def _restore_rng(self, state: Mapping[str, Any]) -> None:
         restore_rng(state, generators_of(self._data))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A trainer checkpoint's state, unflattened and checked to hold together."""
+
+    step: int
+    signature: dict[str, Any]
+    model: dict[str, Any]
+    optimizers: dict[str, Any]
+    schedulers: dict[str, Any]
+    scaler: Any
+    extra: dict[str, Any]
+    data: dict[str, Any]
+    rng: dict[str, Any]
+
+
+_PARTS: dict[str, type] = {"step": int, "signature": dict, "model": dict, "optimizers": dict,
+          "schedulers": dict, "extra": dict, "data": dict, "rng": dict}
+_NDARRAY_KINDS = "biufcUSMm"  # no objects, no raw or structured bytes
+_NDARRAY_BYTES = 1 << 20  # an array may take more than 64 bytes per element up to this
+
+
+def decode(saved: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Decoded:
+    """The trainer's state of a checkpoint (format 1), unflattened and checked before
+    anything uses it: every tensor it refers to is in the file, every part ``restore``
+    reads is there with its type, the parts agree with the checkpoint's own signature,
+    and the RNG states can be set (on fresh generators). ValueError, TypeError or
+    whatever the decoding raised says what does not hold together."""
+    for part, kind in _PARTS.items():
+        value: Any = saved.get(part)
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                isinstance(value, int) and value < 0):
+            raise ValueError(f"the trainer state's {part!r} is {_short(value)}, not a "
+                             f"{'count' if kind is int else kind.__name__}")
+    _check_tree(saved, tensors)
+    signature = saved["signature"]
+    for part, key in (("optimizers", "optimizers"), ("schedulers", "schedulers"),
+                      ("extra", "extra_state")):
+        listed = signature.get(key)
+        names = sorted(listed) if isinstance(listed, dict | list) else listed
+        if names != sorted(saved[part]):
+            raise ValueError(f"the trainer state holds {part} {sorted(saved[part])}, its "
+                             f"signature lists {_short(names)}")
+    if (saved.get("scaler") is None) != (signature.get("scaler") is None):
+        raise ValueError("the trainer state's scaler and its signature disagree")
+    features = saved.get("features", {})
+    if not isinstance(features, dict) or not all(
+            v is None or isinstance(v, dict) for v in features.values()):
+        raise ValueError(f"the trainer state's features are {_short(features)}")
+    state = Decoded(
+        step=saved["step"], signature=signature,
+        model=unflatten(saved["model"], tensors),
+        optimizers={n: unflatten(v, tensors) for n, v in saved["optimizers"].items()},
+        schedulers={n: unflatten(v, tensors) for n, v in saved["schedulers"].items()},
+        scaler=unflatten(saved.get("scaler"), tensors),
+        extra={n: unflatten(v, tensors) for n, v in saved["extra"].items()},
+        data=unflatten(saved["data"], tensors), rng=unflatten(saved["rng"], tensors),
+    )
+    _check_position(state.data)
+    _check_rng(state.rng, signature)
+    return state
+
+
+def _check_tree(tree: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every tagged value of a flattened tree well formed, and every tensor it refers to
+    in ``tensors``; no recursion (the parser capped the depth, not the width)."""
+    missing: list[str] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        if len(node) == 1 and (tag := next(iter(node))) in _TAGS:
+            value = node[tag]
+            if tag == "$tensor":
+                if not isinstance(value, str) or value not in tensors:
+                    missing.append(_short(value))
+                continue
+            _check_tag(tag, value)
+            if tag in ("$ndarray", "$dtype", "$float"):
+                continue
+        stack.extend(node.values())
+    if missing:
+        raise ValueError(
+            f"the state refers to {len(missing)} tensor(s) that the checkpoint's tensors do "
+            f"not include: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+
+
+_TAGS = ("$tensor", "$tuple", "$items", "$float", "$ndarray", "$dtype")
+
+
+def _check_tag(tag: str, value: Any) -> None:
+    if tag in ("$tuple", "$items") and not isinstance(value, list):
+        raise ValueError(f"{tag} holds {_short(value)}, not a list")
+    if tag == "$items" and not all(isinstance(i, list) and len(i) == 2 for i in value):
+        raise ValueError(f"$items holds {_short(value)}, not [key, value] pairs")
+    if tag == "$float" and not isinstance(value, str):
+        raise ValueError(f"$float holds {_short(value)}")
+    if tag == "$dtype" and not isinstance(getattr(torch, str(value), None), torch.dtype):
+        raise ValueError(f"$dtype {_short(value)} is not a torch dtype")
+    if tag == "$ndarray":
+        if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
+                and isinstance(value[1], list) and isinstance(value[2], list)):
+            raise ValueError(f"$ndarray holds {_short(value)}, not [dtype, shape, values]")
+        dtype = np.dtype(value[0])
+        if dtype.kind not in _NDARRAY_KINDS or dtype.hasobject:
+            raise ValueError(f"$ndarray of dtype {value[0]!r}: not a plain array")
+        count = len(value[2])
+        if dtype.itemsize > 64 and dtype.itemsize * count > _NDARRAY_BYTES:
+            raise ValueError(f"$ndarray of {count} {value[0]!r}: {dtype.itemsize * count} "
+                             f"bytes, over the {_NDARRAY_BYTES} that its JSON can hold")
+
+
+def _check_position(position: Any) -> None:
+    """The fields of the data position that ``DataCursor.restore`` reads."""
+    counts = [position.get(k) for k in ("epoch", "batches_in_epoch")]
+    skip = position.get("skip", [])
+    if (not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+            or not isinstance(position.get("started"), bool)
+            or not isinstance(skip, list)
+            or not all(isinstance(s, list) and len(s) == 2
+                       and all(isinstance(x, int) for x in s) for s in skip)):
+        raise ValueError(f"the data position is {_short(position)}")
+
+
+def _check_rng(rng: Mapping[str, Any], signature: Mapping[str, Any]) -> None:
+    """Set the RNG states on fresh generators: what would fail in ``restore_rng`` fails
+    here, before anything is loaded."""
+    random.Random().setstate(rng["python"])
+    np.random.RandomState().set_state(rng["numpy"])
+    torch.Generator().set_state(rng["torch"])
+    generators = rng.get("generators", {})
+    if not isinstance(generators, dict) or sorted(generators) != signature.get(
+            "data_generators", sorted(generators)):
+        raise ValueError("the RNG state's data generators and the signature disagree")
+    for name, value in generators.items():
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+            raise ValueError(f"the RNG state of generator {name!r} is not a uint8 tensor")
+    if not isinstance(rng.get("cuda", []), list):
+        raise ValueError("the CUDA RNG states are not a list")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def features_state(saved: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -31,6 +31,18 @@ from typing import Any
 import torch
 import xxhash
 
+from hardtrain.checkpoint._limits import (
+    MAX_DEPTH,
+    MAX_FILES,
+    MAX_MANIFEST_BYTES,
+    MAX_TENSORS,
+    MAX_WORLD_SIZE,
+    CapError,
+    JsonShape,
+    check_cap,
+    load_json,
+)
+
 MANIFEST = "MANIFEST.json"
 SET_ASIDE_NOTE = "SET-ASIDE.json"  # in a set-aside folder: why, when, by which process
 FORMAT = "hardtrain-checkpoint"
@@ -197,51 +209,116 @@ def encode_manifest(step: int, world_size: int, files: list[FileEntry]) -> bytes
         },
     }
     body["manifest_checksum"] = checksum(_canonical(body))
-    return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+    data = (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+    check_cap("the manifest would be", len(data), MAX_MANIFEST_BYTES, " bytes")  # unreadable
+    return data
+
+
+def check_manifest_size(num_bytes: int) -> None:
+    """ManifestError over MAX_MANIFEST_BYTES: checked before the manifest is read."""
+    try:
+        check_cap("is", num_bytes, MAX_MANIFEST_BYTES, " bytes")
+    except CapError as e:
+        raise ManifestError(str(e)) from None
 
 
 def decode_manifest(data: bytes, expected_step: int) -> Manifest:
-    """Parse and check a manifest; ManifestError says what is wrong with it."""
+    """Parse and check a manifest; ManifestError says what is wrong with it. It is parsed
+    before its own checksum can be checked, so nothing in it is trusted: sizes and
+    counts are checked against the caps before anything is built from them."""
+    check_manifest_size(len(data))
     try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"garbled, not JSON ({e})") from None
+        body = load_json(data, _check_manifest_shape)
+    except ValueError as e:
+        raise ManifestError(f"garbled: {e}" if not isinstance(e, CapError) else str(e)) from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise ManifestError(f"not a {FORMAT} manifest")
     if body.get("version") != FORMAT_VERSION:
         raise ManifestError(
-            f"format version {body.get('version')!r}; this hardtrain reads {FORMAT_VERSION}"
+            f"format version {_short(body.get('version'))}; this hardtrain reads "
+            f"{FORMAT_VERSION}"
         )
     claimed = body.pop("manifest_checksum", None)
     if claimed != checksum(_canonical(body)):
         raise ManifestError("its own checksum does not match (edited or corrupted)")
     try:
-        step = int(body["step"])
-        world_size = int(body["world_size"])
-        created = datetime.fromisoformat(body["created"])
-        chunk_bytes = int(body["chunk_bytes"])
-        files = {
-            name: FileEntry(
-                name, int(e["rank"]),
-                Digest(int(e["bytes"]), str(e[CHECKSUM]), tuple(str(c) for c in e["chunks"])),
-            )
-            for name, e in body["files"].items()
-        }
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        step = _count(body, "step")
+        world_size = _count(body, "world_size")
+        check_cap("claims world size", world_size, MAX_WORLD_SIZE)
+        created = datetime.fromisoformat(_typed(body, "created", str))
+        chunk_bytes = _count(body, "chunk_bytes")
+        listed = _typed(body, "files", dict)
+        check_cap("lists", len(listed), MAX_FILES, " files")
+        if step != expected_step:
+            raise ManifestError(f"says step {step} but lies in {step_dir_name(expected_step)}")
+        if world_size < 1:
+            raise ManifestError(f"world_size={world_size}: there is no rank")
+        if chunk_bytes != CHUNK_BYTES:  # every hardtrain has written 4 MiB chunks
+            raise ManifestError(f"chunk_bytes={chunk_bytes}; this hardtrain reads {CHUNK_BYTES}")
+        files = {name: _file_entry(name, entry) for name, entry in listed.items()}
+    except ManifestError:
+        raise
+    except CapError as e:
+        raise ManifestError(str(e)) from None
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise ManifestError(f"malformed ({type(e).__name__}: {e})") from None
-    if step != expected_step:
-        raise ManifestError(f"says step {step} but lies in {step_dir_name(expected_step)}")
-    for name in files:
-        if not _SAFE_NAME.match(name) or ".." in name:
-            raise ManifestError(f"names {name!r}, which is not a plain file name")
-        if not name.endswith(LOADABLE_SUFFIXES + TEXT_SUFFIXES):
-            raise ManifestError(
-                f"names {name!r}; hardtrain loads only .safetensors and .json (and keeps "
-                ".patch as text), never pickle"
-            )
-    if chunk_bytes < 1:
-        raise ManifestError(f"chunk_bytes={chunk_bytes} is not a size")
     return Manifest(step, world_size, created, chunk_bytes, files)
+
+
+def _check_manifest_shape(shape: JsonShape) -> None:
+    """Before a manifest is parsed: no more arrays and objects than MAX_FILES files take
+    (an entry and its chunk list each, the file list, the manifest)."""
+    check_cap("holds", shape.containers, 2 * MAX_FILES + 2, " arrays and objects")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _typed(body: dict[str, Any], key: str, kind: type) -> Any:
+    value = body[key]
+    if not isinstance(value, kind):
+        raise TypeError(f"{key} is {_short(value)}, not a {kind.__name__}")
+    return value
+
+
+def _count(body: dict[str, Any], key: str) -> int:
+    value = body[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"{key} is {_short(value)}, not an int >= 0")
+    return value
+
+
+_HEX = re.compile(r"^[0-9a-f]{32}$")
+_RANK_FILE = re.compile(r"^rank-(\d{5,})\.(?:safetensors|json)$")
+
+
+def _file_entry(name: Any, entry: Any) -> FileEntry:
+    """One file's entry, checked: a plain name of a type hardtrain reads, sizes and ranks
+    that are counts, and exactly as many chunk checksums as the size takes."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise ManifestError(f"names {_short(name)}, which is not a plain file name")
+    if not name.endswith(LOADABLE_SUFFIXES + TEXT_SUFFIXES):
+        raise ManifestError(
+            f"names {name!r}; hardtrain loads only .safetensors and .json (and keeps "
+            ".patch as text), never pickle"
+        )
+    if not isinstance(entry, dict):
+        raise TypeError(f"{name}: entry is {_short(entry)}, not an object")
+    num_bytes, rank = _count(entry, "bytes"), _count(entry, "rank")
+    whole, chunks = entry[CHECKSUM], _typed(entry, "chunks", list)
+    if (match := _RANK_FILE.match(name)) and int(match.group(1)) != rank:
+        raise ManifestError(f"lists {name} under rank {rank}")
+    expected = -(-num_bytes // CHUNK_BYTES)
+    if len(chunks) != expected:
+        raise ManifestError(
+            f"{name}: {len(chunks)} chunk checksums for {num_bytes} bytes, which take {expected}"
+        )
+    for value in (whole, *chunks):
+        if not isinstance(value, str) or not _HEX.match(value):
+            raise ManifestError(f"{name}: {_short(value)} is not an {CHECKSUM} checksum")
+    return FileEntry(name, rank, Digest(num_bytes, whole, tuple(chunks)))
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -249,6 +326,7 @@ def _canonical(body: dict[str, Any]) -> bytes:
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
+    check_cap("tensors: a checkpoint file holds", len(tensors), MAX_TENSORS, " tensors")
     for name, t in tensors.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"tensor name {name!r}: names must be non-empty strings")
@@ -262,16 +340,20 @@ def check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
 
 def encode_state(state: Mapping[str, Any]) -> bytes:
     """JSON of ``state``, refusing anything that would not load back equal (tuples, non-str
-    keys, objects): exact resume needs exact state."""
-    def check(value: Any, path: str) -> None:
+    keys, objects): exact resume needs exact state; and nesting that loading would
+    refuse (MAX_DEPTH)."""
+    def check(value: Any, path: str, depth: int = 1) -> None:
+        if isinstance(value, dict | list) and depth > MAX_DEPTH:
+            raise ValueError(f"{path} is nested {depth} levels deep in the state; at most "
+                             f"{MAX_DEPTH} load back (docs/checkpoints.md)")
         if isinstance(value, dict):
             for key, item in value.items():
                 if not isinstance(key, str):
                     raise TypeError(f"{path} has key {key!r}; JSON state needs str keys")
-                check(item, f"{path}[{key!r}]")
+                check(item, f"{path}[{key!r}]", depth + 1)
         elif isinstance(value, list):
             for i, item in enumerate(value):
-                check(item, f"{path}[{i}]")
+                check(item, f"{path}[{i}]", depth + 1)
         elif not (value is None or isinstance(value, (str, int, float, bool))):
             raise TypeError(
                 f"{path} is a {type(value).__name__}; state holds only dict, list, str, int, "
@@ -316,19 +398,32 @@ def compare_digests(actual: Digest, expected: Digest, chunk_bytes: int) -> str |
     return None
 
 
+_LISTED_GAPS = 8  # a manifest's gaps named one by one; the rest are counted
+
+
 def manifest_gaps(manifest: Manifest) -> list[tuple[str, str, str]]:
     """(file, reason, detail) for each rank of the manifest's world whose two files are
-    not both listed, and for each file of a rank outside that world."""
-    listed = set(manifest.files)
-    problems = [
-        (name, "missing", f"the manifest lists no file for rank {rank}")
-        for rank in range(manifest.world_size)
-        for name in (tensors_file(rank), state_file(rank))
-        if name not in listed
-    ]
-    problems += [
-        (e.name, "manifest", f"rank {e.rank} outside world size {manifest.world_size}")
-        for e in manifest.files.values()
-        if not 0 <= e.rank < manifest.world_size
-    ]
+    not both listed, and for each file of a rank outside that world: the first few, and
+    a count of the rest (a hostile manifest may claim a world of a million ranks)."""
+    world_size, files = manifest.world_size, manifest.files
+    listed = sum(1 for e in files.values()
+                 if e.rank < world_size and e.name in (tensors_file(e.rank), state_file(e.rank)))
+    num_missing = 2 * world_size - listed
+    problems: list[tuple[str, str, str]] = []
+    for rank in range(world_size):
+        if len(problems) >= min(num_missing, _LISTED_GAPS):
+            break
+        problems += [(name, "missing", f"the manifest lists no file for rank {rank}")
+                     for name in (tensors_file(rank), state_file(rank)) if name not in files]
+    if num_missing > len(problems):
+        problems.append((
+            "...", "missing",
+            f"{num_missing - len(problems)} more: the manifest claims {world_size} ranks and "
+            f"lists {listed} of their {2 * world_size} files"))
+    outside = [e for e in files.values() if not 0 <= e.rank < world_size]
+    problems += [(e.name, "manifest", f"rank {e.rank} outside world size {world_size}")
+                 for e in outside[:_LISTED_GAPS]]
+    if len(outside) > _LISTED_GAPS:
+        problems.append(("...", "manifest", f"{len(outside) - _LISTED_GAPS} more files of "
+                         f"ranks outside world size {world_size}"))
     return problems

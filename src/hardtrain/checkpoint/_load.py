@@ -3,7 +3,7 @@ verifies on every rank, the ranks falling back past damaged ones together."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,13 @@ from hardtrain.checkpoint._format import (
     tensors_file,
 )
 from hardtrain.checkpoint._place import CHECKPOINTS, Place
-from hardtrain.checkpoint._read import TensorRead, read_json, read_tensors
+from hardtrain.checkpoint._read import (
+    Problem,
+    TensorRead,
+    content_problem,
+    read_json,
+    read_tensors,
+)
 from hardtrain.checkpoint._reports import FileProblem, LoadedCheckpoint
 from hardtrain.checkpoint._verify import check_file, reject
 from hardtrain.errors import (
@@ -44,9 +50,15 @@ def load(
     step: int | None,
     out: Mapping[str, torch.Tensor] | None,
     rank: int | None,
+    check: Callable[[LoadedCheckpoint], None] | None = None,
 ) -> LoadedCheckpoint:
     """What ``CheckpointStore.load`` documents. Collective when distributed and ``rank``
-    is None: every rank then tries the same steps, and hears of every rank's trouble."""
+    is None: every rank then tries the same steps, and hears of every rank's trouble.
+
+    The rule for damage: whatever fails to read, parse, decode or fit a committed step's
+    files (its checksums, its parsers, a cap, ``check``) is damage of that step, which is
+    rejected and the ranks fall back together. Only the storage failing now (an error
+    from outside the files' content) rejects nothing: every rank raises it."""
     own_rank, world_size = _dist.rank_and_world_size()
     collective = world_size > 1 and rank is None
     group = place.group() if collective else None
@@ -68,6 +80,8 @@ def load(
     for candidate in candidates:
         try:
             attempt = _load_one(place, candidate, read_rank, expected_world, out)
+            if attempt.loaded is not None and check is not None:
+                attempt = _check(attempt.loaded, check, state_file(read_rank))
         except Exception as e:  # I/O trouble, not damage: every rank must hear of it
             attempt = _Attempt(error=f"{type(e).__name__}: {e}")
         summaries = _dist.all_gather_json({
@@ -91,6 +105,21 @@ def load(
         f"({rejected}). Restore one from a backup; to start over on purpose, move them "
         "away first."
     )
+
+
+def _check(loaded: LoadedCheckpoint, check: Callable[[LoadedCheckpoint], None],
+           file: str) -> _Attempt:
+    """The caller's ``check`` of a verified checkpoint: a CheckpointMismatchError is a
+    mismatch, anything else it raises (a KeyError, a decoding error) damage."""
+    try:
+        check(loaded)
+    except CheckpointMismatchError as e:
+        return _Attempt(mismatch=str(e))
+    except Exception as e:
+        reason, detail = content_problem(e)
+        return _Attempt(problems=[FileProblem(
+            file, "inconsistent" if reason == "malformed" else reason, detail)])
+    return _Attempt(loaded)
 
 
 def _candidates(place: Place, step: int | None) -> list[int]:
@@ -151,12 +180,12 @@ def _load_one(
     state: dict[str, Any] = {}
     read = TensorRead()
 
-    def read_state(view: memoryview) -> str | None:
+    def read_state(view: memoryview) -> Problem | None:
         value, bad = read_json(view, state_entry.digest.chunks, manifest.chunk_bytes)
         state.update(value or {})
         return bad
 
-    def read_own_tensors(view: memoryview) -> str | None:
+    def read_own_tensors(view: memoryview) -> Problem | None:
         nonlocal read
         read = read_tensors(view, tensor_entry.digest.chunks, manifest.chunk_bytes, out)
         return read.problem
@@ -164,7 +193,7 @@ def _load_one(
     readers = {state_entry.name: read_state, tensor_entry.name: read_own_tensors}
     own = sorted((e for e in manifest.files.values() if e.rank == rank), key=lambda e: e.name)
     for entry in own:  # every file of this rank is verified; the two known ones are read
-        problem = check_file(place, step, entry, manifest.chunk_bytes, readers.get(entry.name))
+        problem = check_file(place, step, entry, readers.get(entry.name))
         if problem is not None:
             return _Attempt(problems=[problem])
         if read.mismatch:

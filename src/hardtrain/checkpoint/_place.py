@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hardtrain import _dist
+from hardtrain._files import NotRegularFileError
 from hardtrain.checkpoint._format import (
     MANIFEST,
     Manifest,
     ManifestError,
+    check_manifest_size,
     decode_manifest,
     parse_step_dir,
     step_dir_name,
@@ -57,21 +59,50 @@ class Place:
         return _dist.groups.get(self.role)
 
     def steps(self) -> list[int]:
-        """The steps that have a folder, committed or not, oldest first."""
-        names = self.storage.listdir(CHECKPOINTS) or []
-        return sorted(s for s in map(parse_step_dir, names) if s is not None)
+        """The steps that have a folder (or an entry in a folder's place: a symlink, ...),
+        committed or not, oldest first. NotRegularFileError when ``checkpoints`` itself
+        is a symlink or anything but a folder: never followed, and never taken for "no
+        checkpoints" (a resume would start over)."""
+        names = self.storage.listdir(CHECKPOINTS)
+        if names is None:
+            try:
+                there = "regular file" if self.storage.size(CHECKPOINTS) is not None else ""
+            except NotRegularFileError as e:
+                there = e.kind
+            if there:
+                raise NotRegularFileError(f"{CHECKPOINTS}: not a folder: {there} (never "
+                                          "followed)", there, CHECKPOINTS)
+        return sorted(s for s in map(parse_step_dir, names or []) if s is not None)
+
+    def committed(self, step: int) -> bool | str:
+        """Whether ``step`` has its manifest; a str (what stands there) when its folder
+        or its manifest is a symlink, a FIFO or anything else hardtrain never follows or
+        opens: damage, treated as a committed checkpoint that fails verification.
+        NotRegularFileError when ``checkpoints`` itself is such an entry."""
+        try:
+            return self.storage.size(f"{self.folder(step)}/{MANIFEST}") is not None
+        except NotRegularFileError as e:
+            if e.path == CHECKPOINTS:
+                raise
+            return f"{e} (never followed or opened)"
 
     def manifest_exists(self, step: int) -> bool:
-        return self.storage.size(f"{self.folder(step)}/{MANIFEST}") is not None
+        """Whether ``step`` is committed (or looks so: see ``committed``)."""
+        return self.committed(step) is not False
 
     def read_manifest(self, step: int) -> Manifest:
         """FileNotFoundError: ``step`` is not committed. ManifestError: its manifest is
-        damaged or unreadable."""
+        damaged or unreadable (a symlink or a FIFO in its or its folder's place too)."""
         path = f"{self.folder(step)}/{MANIFEST}"
-        if self.storage.size(path) is None:
+        try:
+            missing = self.storage.size(path) is None
+        except NotRegularFileError as e:
+            raise ManifestError(f"unreadable ({type(e).__name__}: {e})") from None
+        if missing:
             raise FileNotFoundError(path)
         try:
             with self.storage.read(path) as view:
+                check_manifest_size(len(view))  # before a byte of it is copied or parsed
                 data = bytes(view)
         except OSError as e:
             raise ManifestError(f"unreadable ({type(e).__name__}: {e})") from None

@@ -9,7 +9,6 @@ torch's own parallel copy then competes with the hashing threads.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from hardtrain.checkpoint._format import checksum
+from hardtrain.checkpoint._limits import CapError, load_json
 from hardtrain.checkpoint._safetensors import TensorSpec, parse_safetensors, tensor_view
 
 
@@ -48,21 +48,48 @@ def check_chunks(data: Any, chunks: Sequence[str], chunk_bytes: int) -> str | No
     return next((r for r in results if r is not None), None)
 
 
-def read_json(view: memoryview, chunks: Sequence[str], chunk_bytes: int) -> tuple[Any, str | None]:
-    """(the JSON object, None), or (None, the checksum problem)."""
-    bad = check_chunks(view, chunks, chunk_bytes)
-    if bad is not None:
-        return None, bad
-    value = json.loads(bytes(view))
+# What a file's check returns when it fails: (reason, detail), as in a FileProblem.
+Problem = tuple[str, str]
+
+
+def content_problem(error: Exception) -> Problem:
+    """A file whose bytes match its manifest but whose content does not hold: what the
+    parsers (or torch) raised, on one line. Over a cap, the cap and the value."""
+    if isinstance(error, MemoryError):  # this machine's trouble, not the checkpoint's
+        raise error
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = text if len(text) <= 300 else f"{text[:297]}..."
+    if isinstance(error, CapError):
+        return "over cap", text
+    return "malformed", text if type(error) is ValueError else f"{type(error).__name__}: {text}"
+
+
+def parse_state(data: bytes) -> dict[str, Any]:
+    """A rank's JSON state, nested at most MAX_DEPTH deep: load and verify both parse it
+    with this."""
+    value = load_json(data)
     if not isinstance(value, dict):
         raise ValueError("state is not a JSON object")
-    return value, None
+    return value
+
+
+def read_json(
+    view: memoryview, chunks: Sequence[str], chunk_bytes: int
+) -> tuple[dict[str, Any] | None, Problem | None]:
+    """(the state, None), or (None, what is wrong: its checksums, or its content)."""
+    bad = check_chunks(view, chunks, chunk_bytes)
+    if bad is not None:
+        return None, ("wrong checksum", bad)
+    try:
+        return parse_state(bytes(view)), None
+    except Exception as e:
+        return None, content_problem(e)
 
 
 @dataclass
 class TensorRead:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    problem: str | None = None  # a checksum problem
+    problem: Problem | None = None  # its checksums, or its content
     mismatch: list[str] = field(default_factory=list)  # how the file does not fit out=
 
 
@@ -73,22 +100,27 @@ def read_tensors(
     out: Mapping[str, torch.Tensor] | None,
 ) -> TensorRead:
     """The verified tensors of a safetensors file: copied into ``out`` (in place), or new
-    ones. Nothing is copied unless the whole file verifies and fits ``out``."""
+    ones. Nothing is copied unless the whole file verifies, parses and fits ``out``. What
+    goes wrong while copying (the device, the memory) is raised: not the file's fault."""
     bad = check_chunks(view, chunks, chunk_bytes)
     if bad is not None:
-        return TensorRead(problem=bad)
-    specs, data_start = parse_safetensors(view)
+        return TensorRead(problem=("wrong checksum", bad))
+    try:
+        specs, data_start = parse_safetensors(view)
+        with warnings.catch_warnings():  # the mapping is read-only; it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(view, dtype=torch.uint8)
+        sources = {name: tensor_view(data, spec, data_start) for name, spec in specs.items()}
+    except Exception as e:
+        return TensorRead(problem=content_problem(e))
     if out is not None:
         mismatch = describe_mismatch(specs, out)
         if mismatch:
             return TensorRead(mismatch=mismatch)
-    with warnings.catch_warnings():  # the mapping is read-only; it is only read
-        warnings.simplefilter("ignore", UserWarning)
-        data = torch.frombuffer(view, dtype=torch.uint8)
     tensors = {}
     with torch.no_grad():
-        for name, spec in specs.items():
-            source = tensor_view(data, spec, data_start)
+        while sources:  # each view goes once copied: a million tensors are not held twice
+            name, source = sources.popitem()
             tensors[name] = out[name].copy_(source) if out is not None else source.clone()
     return TensorRead(tensors)
 

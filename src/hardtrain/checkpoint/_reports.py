@@ -45,7 +45,9 @@ class SetAsideInfo:
 @dataclass(frozen=True)
 class FileProblem:
     file: str
-    reason: str  # missing | wrong size | wrong checksum | unreadable | not committed | manifest
+    # missing | wrong size | wrong checksum | unreadable | not committed | manifest, and for a
+    # file that matches its manifest: malformed | over cap | inconsistent (the state)
+    reason: str
     detail: str
 
     def __str__(self) -> str:

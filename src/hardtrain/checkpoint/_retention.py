@@ -4,7 +4,6 @@ on rank 0 after a commit."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ import socket
 import time
 from datetime import datetime, timezone
 
+from hardtrain._files import NotRegularFileError
 from hardtrain.checkpoint._format import (
     LOADABLE_SUFFIXES,
     MANIFEST,
@@ -25,6 +25,7 @@ from hardtrain.checkpoint._format import (
 )
 from hardtrain.checkpoint._place import CHECKPOINTS, Place
 from hardtrain.checkpoint._reports import CheckpointInfo, SetAsideInfo
+from hardtrain.checkpoint._tmpfiles import removable
 from hardtrain.checkpoint._verify import reject, verify
 
 
@@ -108,11 +109,15 @@ def set_aside(place: Place, step: int, reason: str) -> None:
 
 
 def clean_up(place: Place, step: int, committed: set[str]) -> None:
-    """After ``step`` was committed: the store's temporary files and files of an earlier,
-    crashed attempt at it that the manifest does not name, then retention.
-    Housekeeping never fails a committed save; a failure is an event."""
+    """After ``step`` was committed: the store's temporary files whose owner is gone and
+    files of an earlier, crashed attempt at it that the manifest does not name, then
+    retention. Housekeeping never fails a committed save; a failure is an event."""
     try:
-        _remove_stale(place, place.folder(step), keep=committed)
+        refused = _remove_stale(place, place.folder(step), keep=committed)
+        if refused:
+            place.events.record(
+                "checkpoint_foreign_entries_left", level=logging.WARNING, step=step,
+                entries=refused, reason=f"{_NEVER_TOUCHED}; remove them by hand")
         _prune(place, step)
     except Exception as e:
         place.events.record(
@@ -121,25 +126,35 @@ def clean_up(place: Place, step: int, committed: set[str]) -> None:
         )
 
 
+_NEVER_TOUCHED = ("symlinks, FIFOs, sockets and devices in a run directory are never "
+                  "followed, opened or deleted by hardtrain")
+
+
 def _prune(place: Place, newest: int) -> None:
     """Delete old checkpoints beyond ``keep_last``, after ``newest`` was committed.
 
     Never touches ``newest`` or anything newer; checkpoints this run found damaged do not
     count towards ``keep_last`` and are set aside, not deleted (the runbook asks to keep
-    them for diagnosis). A folder is uncommitted (manifest removed) before its files go,
-    so a crash mid-prune leaves nothing that loads half.
+    them for diagnosis), and so is a symlink (or any entry but a folder) in a step
+    folder's place, whatever ``keep_last``: the link is renamed, never followed. A folder
+    is uncommitted (manifest removed) before its files go, so a crash mid-prune leaves
+    nothing that loads half.
     """
-    older = [s for s in place.steps() if s < newest]
+    states = {s: place.committed(s) for s in place.steps() if s < newest}
+    for step, state in states.items():
+        if isinstance(state, str):
+            set_aside(place, step, state)
+    older = [s for s, state in states.items() if not isinstance(state, str)]
     keep: set[int] = set()
     if place.keep_last is None:
-        prunable = [s for s in older if not place.manifest_exists(s)]
+        prunable = [s for s in older if not states[s]]
     else:
-        good = [s for s in older if s not in place.rejected and place.manifest_exists(s)]
+        good = [s for s in older if s not in place.rejected and states[s]]
         if place.keep_last > 1:
             keep = set(good[-(place.keep_last - 1) :])
         prunable = [s for s in older if s not in keep]
     for step in prunable:
-        if step in place.rejected and place.manifest_exists(step):
+        if step in place.rejected and states[step]:
             set_aside(place, step, place.rejected[step])
         elif _delete(place, step):
             place.events.record("checkpoint_pruned", step=step)
@@ -147,13 +162,24 @@ def _prune(place: Place, newest: int) -> None:
 
 def _delete(place: Place, step: int) -> bool:
     """Remove ``step``'s folder: its manifest first (uncommitted from then on), then our
-    files in it; foreign files stay. True when it was committed."""
+    files in it; foreign files stay. True when it was committed. A folder that is a
+    symlink, or that holds one (or a FIFO, ...) in the place of a file hardtrain would
+    remove, is set aside instead: nothing is deleted through it, and it is kept."""
     folder = place.folder(step)
-    committed = place.manifest_exists(step)
-    if committed:  # every name a manifest may hold ends as ours do
-        place.storage.remove(f"{folder}/{MANIFEST}")
-        place.storage.sync_dir(folder)
-    _remove_stale(place, folder, keep=set())
+    committed = place.committed(step)
+    if isinstance(committed, str):
+        set_aside(place, step, committed)
+        return False
+    try:
+        if committed:  # every name a manifest may hold ends as ours do
+            place.storage.remove(f"{folder}/{MANIFEST}")
+            place.storage.sync_dir(folder)
+        refused = _remove_stale(place, folder, keep=set())
+    except NotRegularFileError as e:
+        refused = [str(e)]
+    if refused:
+        set_aside(place, step, f"holds {'; '.join(refused)} ({_NEVER_TOUCHED})")
+        return False
     place.storage.rmdir(folder)
     return committed
 
@@ -171,7 +197,7 @@ def drop_for_space(place: Place, failing: int) -> int | None:
     step dropped, or None when there is nothing left to drop; an event either way."""
     newest = latest(place)
     candidates = [s for s in place.steps() if newest is not None and s < newest.step
-                  and s not in place.rejected and place.manifest_exists(s)]
+                  and s not in place.rejected and place.committed(s) is True]
     if not candidates:
         place.events.record(
             "checkpoint_room_exhausted", level=logging.ERROR, step=failing,
@@ -188,13 +214,25 @@ def drop_for_space(place: Place, failing: int) -> int | None:
     return candidates[0]
 
 
-def _remove_stale(place: Place, folder: str, *, keep: set[str] | None = None) -> None:
-    """Remove the store's temporary files in ``folder``; with ``keep``, also every file
-    the store may have written there (rank files, extra files) that ``keep`` does not
-    name: the whole folder when pruning (``keep`` empty), leftovers of a crashed
-    attempt after a commit. The manifest and foreign files stay."""
+def _remove_stale(place: Place, folder: str, *, keep: set[str] | None = None) -> list[str]:
+    """Remove the temporary files in ``folder`` whose owner is gone (``removable``: this
+    process's own, or a dead process's on this machine; never another live job's);
+    with ``keep``, also every file the store may have written there (rank files, extra
+    files) that ``keep`` does not name: the whole folder when pruning (``keep`` empty),
+    leftovers of a crashed attempt after a commit. The manifest and foreign files stay,
+    and so does what is not a regular file: returned, each with what it is."""
+    refused = []
     for name in place.storage.listdir(folder) or []:
-        ours = name != MANIFEST and name.endswith(LOADABLE_SUFFIXES + TEXT_SUFFIXES)
-        if is_tmp_name(name) or (keep is not None and ours and name not in keep):
-            with contextlib.suppress(FileNotFoundError):
-                place.storage.remove(f"{folder}/{name}")
+        if is_tmp_name(name):
+            if not removable(name):
+                continue
+        elif (keep is None or name in keep or name == MANIFEST
+              or not name.endswith(LOADABLE_SUFFIXES + TEXT_SUFFIXES)):
+            continue
+        try:
+            place.storage.remove(f"{folder}/{name}")
+        except FileNotFoundError:
+            pass
+        except NotRegularFileError as e:
+            refused.append(str(e))
+    return refused

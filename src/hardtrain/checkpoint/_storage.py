@@ -4,14 +4,21 @@ Local: every file is written under a temporary name in its own folder (never acr
 filesystems), fsynced, renamed into place; the folder is fsynced after. Object stores
 (s3://, gs://, memory://): each object is one PUT, data objects first, the manifest last.
 Any error aborts: no retry, nothing half-committed.
+
+Others may write the run directory (a shared filesystem): below the root, a local
+storage follows no symlink and opens no FIFO, socket or device (``NotRegularFileError``),
+and a temporary file's name says which process writes it, so that cleanup removes only
+those whose owner is provably gone (``removable``). Object stores have neither links nor
+special files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
-import secrets
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
@@ -20,13 +27,20 @@ import safetensors.torch
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from hardtrain._files import (
+    FOLDER_FLAGS,
+    SAFE_FLAGS,
+    NotRegularFileError,
+    not_regular,
+    open_regular,
+)
 from hardtrain.checkpoint._format import (
-    TMP_MARKER,
     Digest,
     Hasher,
     digest_of,
 )
 from hardtrain.checkpoint._safetensors import encode_safetensors
+from hardtrain.checkpoint._tmpfiles import WRITING, tmp_name
 
 
 def never_stop() -> None:
@@ -55,13 +69,15 @@ class Storage(Protocol):
         """The file's size and checksums, streamed: an I/O error is an OSError."""
 
     def move(self, path: str, new_path: str) -> None:
-        """Rename a folder (atomic on a local filesystem)."""
+        """Rename a folder (atomic on a local filesystem); a symlink is renamed itself."""
 
     def size(self, path: str) -> int | None:
-        """The file's size in bytes, or None when it does not exist."""
+        """The file's size in bytes, or None when it does not exist. Local storage:
+        ``NotRegularFileError`` for a symlink, FIFO, ... or a path through one."""
 
     def listdir(self, path: str) -> list[str] | None:
-        """The names in a folder, or None when it does not exist."""
+        """The names in a folder, or None when it does not exist (locally: or is not a
+        folder reached without following a link)."""
 
     def makedirs(self, path: str) -> None:
         """Make a folder and its parents; never a bucket."""
@@ -72,7 +88,8 @@ class Storage(Protocol):
     def sync_dir(self, path: str) -> None:
         """Make the folder's entries durable (a no-op on object stores)."""
 
-    def remove(self, path: str) -> None: ...
+    def remove(self, path: str) -> None:
+        """Remove a file (locally: a regular file only, else ``NotRegularFileError``)."""
 
     def rmdir(self, path: str) -> None:
         """Remove an empty folder; leave it where it is not empty."""
@@ -85,17 +102,69 @@ def open_storage(root: str, storage_options: Mapping[str, Any] | None = None) ->
     return FsspecStorage(fs, path)
 
 
-def _tmp_path(path: str) -> str:
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+# ------------------------------------------------------------------------ local disks
+
+
+def _open_folder(name: str, dir_fd: int, shown: str) -> int:
+    """The folder ``name`` in ``dir_fd``, never through a link (nor a FIFO: no blocking)."""
+    try:
+        return os.open(name, FOLDER_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise not_regular(shown, name, dir_fd, expected="a folder") from None
+        raise
+
+
+def _split(path: str) -> tuple[str, str]:
+    """(folder, name) of a "/"-joined path below the root."""
+    folder, _, name = path.rpartition("/")
+    return folder, name
 
 
 class LocalStorage:
+    """A local (or mounted) filesystem. The root is the caller's choice, links and all;
+    below it nothing is followed: a folder reached through a symlink, or a symlink, FIFO,
+    socket or device where a file is read, written or removed, is ``NotRegularFileError``
+    (``hardtrain._files``). Every path is walked from the root one folder at a time
+    (``O_NOFOLLOW``), so a link swapped in meanwhile is refused too."""
+
     def __init__(self, root: str) -> None:
         self.root = root
 
-    def _abs(self, path: str) -> str:
-        return os.path.join(self.root, path) if path else self.root
+    @contextlib.contextmanager
+    def _folder(self, path: str, *, create: bool = False) -> Iterator[int]:
+        """A descriptor of the folder ``path`` below the root, reached without following
+        a link; with ``create``, missing folders are made (each durable in its parent).
+        FileNotFoundError when it is missing, NotRegularFileError when something else
+        than a folder stands on the way."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            walked = []
+            for part in path.split("/") if path else []:
+                walked.append(part)
+                shown = "/".join(walked)
+                if part in ("", ".", ".."):
+                    raise NotRegularFileError(f"{path}: not a plain path below the root")
+                try:
+                    inner = _open_folder(part, fd, shown)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):  # another rank made it
+                        os.mkdir(part, dir_fd=fd)
+                        os.fsync(fd)
+                    inner = _open_folder(part, fd, shown)
+                os.close(fd)
+                fd = inner
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_file(self, path: str) -> int:
+        """A regular file below the root, open for reading (never a link, FIFO, device)."""
+        folder, name = _split(path)
+        with self._folder(folder) as dir_fd:
+            return open_regular(name, os.O_RDONLY, dir_fd=dir_fd, shown=path)
 
     def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor],
                       check: Callable[[], None] = never_stop) -> Digest:
@@ -103,46 +172,49 @@ class LocalStorage:
         # save stops within one piece instead of at the end of the file.
         header, pieces = encode_safetensors(tensors)
 
-        def write(tmp: str) -> None:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                _write_all(fd, memoryview(header))
-                for piece in pieces:
-                    for start in range(0, len(piece), _WRITE_PIECE):
-                        check()
-                        _write_all(fd, piece[start : start + _WRITE_PIECE])
-            finally:
-                os.close(fd)
+        def write(fd: int) -> None:
+            _write_all(fd, memoryview(header))
+            for piece in pieces:
+                for start in range(0, len(piece), _WRITE_PIECE):
+                    check()
+                    _write_all(fd, piece[start : start + _WRITE_PIECE])
 
         return self._write(path, write)
 
     def write_bytes(self, path: str, data: bytes) -> Digest:
-        return self._write(path, lambda tmp: _write_new_file(tmp, data))
+        return self._write(path, lambda fd: _write_all(fd, memoryview(data)))
 
-    def _write(self, path: str, write: Callable[[str], None]) -> Digest:
-        """``write`` a temporary file beside ``path``, fsync it, hash what landed in it (not
-        what was meant to be written), then rename it into place. Nothing is left behind
-        on failure."""
-        final = self._abs(path)
-        tmp = _tmp_path(final)
-        try:
-            write(tmp)
-            fd = os.open(tmp, os.O_RDONLY)
+    def _write(self, path: str, write: Callable[[int], None]) -> Digest:
+        """``write`` a new temporary file beside ``path`` (in a folder reached without
+        following a link), fsync it, hash what landed in it (not what was meant to be
+        written), then rename it into place: what stood there (a link included) is
+        replaced, never written through. Nothing is left behind on failure."""
+        folder, name = _split(path)
+        with self._folder(folder) as dir_fd:
+            tmp = tmp_name(name)
+            WRITING.add(tmp)
             try:
-                os.fsync(fd)
-                digest = _digest_fd(fd)
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | SAFE_FLAGS, 0o644,
+                             dir_fd=dir_fd)
+                try:
+                    os.set_blocking(fd, True)
+                    write(fd)
+                    os.fsync(fd)
+                    digest = _digest_fd(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
             finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+                WRITING.discard(tmp)
         return digest
 
     @contextlib.contextmanager
     def read(self, path: str) -> Iterator[memoryview]:
-        fd = os.open(self._abs(path), os.O_RDONLY)
+        fd = self._open_file(path)
         try:
             with _mapped(fd) as view:
                 yield view
@@ -150,58 +222,89 @@ class LocalStorage:
             os.close(fd)
 
     def read_head(self, path: str, num_bytes: int) -> bytes:
-        with open(self._abs(path), "rb") as f:
+        with os.fdopen(self._open_file(path), "rb") as f:
             return f.read(num_bytes)
 
     def digest(self, path: str) -> Digest:
-        fd = os.open(self._abs(path), os.O_RDONLY)
+        fd = self._open_file(path)
         try:
             return _digest_fd(fd)
         finally:
             os.close(fd)
 
     def move(self, path: str, new_path: str) -> None:
-        os.rename(self._abs(path), self._abs(new_path))
-        self.sync_dir(os.path.dirname(self._abs(path)))
+        """Rename an entry: a symlink is renamed itself, never what it points to."""
+        (folder, name), (new_folder, new_name) = _split(path), _split(new_path)
+        with self._folder(folder) as src, self._folder(new_folder) as dst:
+            os.rename(name, new_name, src_dir_fd=src, dst_dir_fd=dst)
+            os.fsync(src)
 
     def size(self, path: str) -> int | None:
+        """A regular file's (or a folder's) size; None when it is missing.
+        NotRegularFileError for anything else, or for a path through one."""
+        folder, name = _split(path)
         try:
-            return os.stat(self._abs(path)).st_size
+            if not path:
+                return os.stat(self.root).st_size
+            with self._folder(folder) as dir_fd:
+                mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if not (stat.S_ISREG(mode.st_mode) or stat.S_ISDIR(mode.st_mode)):
+                    raise not_regular(path, name, dir_fd, mode=mode.st_mode)
+                return mode.st_size
         except FileNotFoundError:
             return None
 
     def listdir(self, path: str) -> list[str] | None:
+        """The names in a folder; None when it is missing, or not a folder reached
+        without following a link (nothing through a link is listed, so nothing through
+        it is read or removed)."""
         try:
-            return os.listdir(self._abs(path))
-        except (FileNotFoundError, NotADirectoryError):
+            with self._folder(path) as fd:
+                return os.listdir(fd)
+        except (FileNotFoundError, NotRegularFileError):
             return None
 
     def makedirs(self, path: str) -> None:
-        target = self._abs(path)
+        target = self.root
         missing = []
         while not os.path.isdir(target):
             missing.append(target)
             target = os.path.dirname(target)
-        os.makedirs(self._abs(path), exist_ok=True)
+        os.makedirs(self.root, exist_ok=True)
         for folder in reversed(missing):  # each new entry durable in its parent
-            self.sync_dir(os.path.dirname(folder))
+            self._sync(os.path.dirname(folder))
+        with self._folder(path, create=True):
+            pass
 
     def bucket_exists(self) -> bool:
         return True
 
     def sync_dir(self, path: str) -> None:
-        fd = os.open(self._abs(path), os.O_RDONLY | os.O_DIRECTORY)
+        with self._folder(path) as fd:
+            os.fsync(fd)
+
+    @staticmethod
+    def _sync(folder: str) -> None:
+        fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def remove(self, path: str) -> None:
-        os.unlink(self._abs(path))
+        """Remove a regular file; anything else (a link, a FIFO) is NotRegularFileError
+        and stays."""
+        folder, name = _split(path)
+        with self._folder(folder) as dir_fd:
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            if not stat.S_ISREG(mode):
+                raise not_regular(path, name, dir_fd, mode=mode)
+            os.unlink(name, dir_fd=dir_fd)
 
     def rmdir(self, path: str) -> None:
-        with contextlib.suppress(OSError):
-            os.rmdir(self._abs(path))
+        folder, name = _split(path)
+        with contextlib.suppress(OSError), self._folder(folder) as dir_fd:
+            os.rmdir(name, dir_fd=dir_fd)
 
 
 @contextlib.contextmanager
@@ -227,14 +330,6 @@ _READ_BLOCK = 1 << 20
 
 
 _WRITE_PIECE = 64 << 20  # an abandoned save stops within this many bytes of a file
-
-
-def _write_new_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        _write_all(fd, memoryview(data))
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -11,7 +11,7 @@ import builtins
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -250,6 +250,7 @@ class CheckpointStore:
         *,
         out: Mapping[str, torch.Tensor] | None = None,
         rank: int | None = None,
+        check: Callable[[LoadedCheckpoint], None] | None = None,
     ) -> LoadedCheckpoint:
         """Load this rank's tensors and state, verified.
 
@@ -260,8 +261,12 @@ class CheckpointStore:
         out: tensors to fill in place (same names, shapes and dtypes as saved). The file
             is verified, and checked against them, before any of them is touched.
         rank: read another rank's files from a single process (inspection); not collective.
+        check: called with each checkpoint whose files verified, before it is returned:
+            what it raises is damage of that step (a warning, and the fallback as for a
+            bad checksum), except CheckpointMismatchError, which is raised (it does not
+            fit). For decoding what the state refers to, touching nothing.
 
         Collective when distributed and ``rank`` is None.
         """
         self.wait()
-        return _load.load(self._place, step, out, rank)
+        return _load.load(self._place, step, out, rank, check)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from hardtrain._redact import scrub
 from hardtrain.checkpoint._format import (
+    CHUNK_BYTES,
     MANIFEST,
     FileEntry,
     Manifest,
@@ -22,9 +23,13 @@ from hardtrain.checkpoint._format import (
     is_tmp_name,
     looks_like_pickle,
     manifest_gaps,
+    state_file,
+    tensors_file,
 )
 from hardtrain.checkpoint._place import Place
+from hardtrain.checkpoint._read import Problem, content_problem, parse_state
 from hardtrain.checkpoint._reports import CheckpointFallbackWarning, FileProblem, VerifyReport
+from hardtrain.checkpoint._safetensors import header_length, parse_safetensors
 from hardtrain.errors import CHECKPOINT_RUNBOOK, CheckpointCorruptError, NoCheckpointError
 
 
@@ -32,11 +37,12 @@ def check_file(
     place: Place,
     step: int,
     entry: FileEntry,
-    chunk_bytes: int,
-    read: Callable[[memoryview], str | None] | None = None,
+    read: Callable[[memoryview], Problem | None] | None = None,
 ) -> FileProblem | None:
-    """Check one file's size, then its checksums: through ``read`` (which verifies
-    while it reads and returns the checksum problem) or on their own."""
+    """Check one file's size, then its checksums and, for a rank's own two files, their
+    content: through ``read`` (which verifies and parses while it reads, and returns the
+    problem) or on their own (``check_content``, with the same parsers). An error of the
+    storage is "unreadable"; anything else it raises is not about this file."""
     path = f"{place.folder(step)}/{entry.name}"
     try:
         size = place.storage.size(path)
@@ -49,19 +55,40 @@ def check_file(
                 f"{size} bytes, manifest says {entry.num_bytes}{hint}",
             )
         if read is None:
-            bad = compare_digests(place.storage.digest(path), entry.digest, chunk_bytes)
+            bad = compare_digests(place.storage.digest(path), entry.digest, CHUNK_BYTES)
+            problem = ("wrong checksum", bad) if bad is not None else check_content(
+                place, path, entry)
         else:
             with place.storage.read(path) as view:
-                bad = read(view)
-        if bad is not None:
-            return FileProblem(entry.name, "wrong checksum", bad)
+                problem = read(view)
     except (OSError, ValueError) as e:
         return FileProblem(entry.name, "unreadable", f"{type(e).__name__}: {e}")
+    return None if problem is None else FileProblem(entry.name, *problem)
+
+
+def check_content(place: Place, path: str, entry: FileEntry) -> Problem | None:
+    """A verified file's content, parsed as loading parses it (not its tensors' bytes): a
+    rank's safetensors header and its JSON state; other files are only verified. Raises
+    what the storage raises."""
+    try:
+        if entry.name == tensors_file(entry.rank):
+            length = header_length(place.storage.read_head(path, 8), entry.num_bytes)
+            parse_safetensors(place.storage.read_head(path, 8 + length), entry.num_bytes)
+        elif entry.name == state_file(entry.rank):
+            parse_state(place.storage.read_head(path, entry.num_bytes))
+    except OSError:
+        raise
+    except Exception as e:
+        return content_problem(e)
     return None
 
 
+MAX_LISTED_PROBLEMS = 32  # in a report, one by one; the rest are counted
+
+
 def verify(place: Place, step: int) -> VerifyReport:
-    """Every file of ``step`` (all ranks) checked against its manifest."""
+    """Every file of ``step`` (all ranks) checked against its manifest, and the content
+    of each rank's safetensors header and JSON state parsed as loading parses it."""
     problems: list[FileProblem] = []
     num_files = 0
     manifest: Manifest | None = None
@@ -73,11 +100,16 @@ def verify(place: Place, step: int) -> VerifyReport:
         problems.append(FileProblem(MANIFEST, "manifest", str(e)))
     else:
         problems += [FileProblem(*gap) for gap in manifest_gaps(manifest)]
+        num_unlisted = 0
         for entry in manifest.files.values():
             num_files += 1
-            problem = check_file(place, step, entry, manifest.chunk_bytes)
-            if problem is not None:
+            problem = check_file(place, step, entry)
+            if problem is not None and len(problems) >= MAX_LISTED_PROBLEMS:
+                num_unlisted += 1
+            elif problem is not None:
                 problems.append(problem)
+        if num_unlisted:
+            problems.append(FileProblem("...", "more", f"{num_unlisted} more files fail"))
     named = set(manifest.files) if manifest is not None else set()
     return VerifyReport(
         step, place.path(step), tuple(problems), _ignored(place, step, named), num_files
@@ -116,12 +148,13 @@ def read_file(place: Place, step: int, name: str) -> bytes:
         raise FileNotFoundError(f"{folder} holds no {name} (its manifest does not name it)")
     data = b""
 
-    def read(view: memoryview) -> str | None:
+    def read(view: memoryview) -> Problem | None:
         nonlocal data
         data = bytes(view)
-        return compare_digests(digest_of(data), entry.digest, manifest.chunk_bytes)
+        bad = compare_digests(digest_of(data), entry.digest, CHUNK_BYTES)
+        return None if bad is None else ("wrong checksum", bad)
 
-    problem = check_file(place, step, entry, manifest.chunk_bytes, read)
+    problem = check_file(place, step, entry, read)
     if problem is not None:
         raise CheckpointCorruptError(f"{folder}: {problem}")
     return data
