@@ -150,14 +150,15 @@ class MetricsLog:
     @contextlib.contextmanager
     def _storage_faults(self) -> Iterator[None]:
         """A full disk or a failing mount does not stop training for its metrics: one
-        warning per streak of failures; the file's buffer keeps what it could not write
-        and writes it once the storage takes it again."""
+        warning per streak of failures. What stays in the file's buffer is written with
+        the next flush; lines the buffer could not take may be lost (the metrics are a
+        log, not the checkpoint)."""
         try:
             yield
         except OSError as e:
             if not self._failing:
-                logger.warning("%s: writing metrics failed (%s: %s); training goes on and "
-                               "the lines are written when the storage takes them again",
+                logger.warning("%s: writing metrics failed (%s: %s); training goes on, and "
+                               "lines may be missing until the storage takes writes again",
                                self.path, type(e).__name__, e)
             self._failing = True
         else:

@@ -524,25 +524,6 @@ RESUME_DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(RESUME_DAMAGE))
-def test_a_resuming_fit_falls_back_past_a_state_that_does_not_decode(
-    trained: Path, tmp_path: Path, case: str
-) -> None:
-    damage, file, cause = RESUME_DAMAGE[case]
-    run_dir = tmp_path / "run"
-    shutil.copytree(trained, run_dir)
-    damage(folder(run_dir, 8))
-    trainer, step_fn = make(run_dir)
-    with pytest.warns(ht.CheckpointFallbackWarning) as warned:
-        result = trainer.fit(step_fn, max_steps=10)
-    assert result.resumed_from == 4 and result.step == 10
-    message = str(warned[0].message)
-    assert "step-00000008" in message and f"{file}: " in message and cause in message, message
-    with open(run_dir / "events.jsonl", encoding="utf-8") as f:
-        [event] = [e for e in map(json.loads, f) if e["event"] == "checkpoint_rejected"]
-    assert event["step"] == 8 and cause in event["reason"]
-
-
 FILE_DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "shape [-2, -2]": (lambda ckpt: reseal(ckpt, TENSORS, safetensors(
         {"w": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}, b"\0" * 16)),
@@ -565,11 +546,11 @@ FILE_DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(FILE_DAMAGE))
-def test_a_resuming_fit_falls_back_past_files_that_do_not_parse(
+@pytest.mark.parametrize("case", [*RESUME_DAMAGE, *FILE_DAMAGE])
+def test_a_resuming_fit_falls_back_past_files_that_do_not_parse_or_decode(
     trained: Path, tmp_path: Path, case: str
 ) -> None:
-    damage, file, cause = FILE_DAMAGE[case]
+    damage, file, cause = {**RESUME_DAMAGE, **FILE_DAMAGE}[case]
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     damage(folder(run_dir, 8))
@@ -579,6 +560,9 @@ def test_a_resuming_fit_falls_back_past_files_that_do_not_parse(
     assert result.resumed_from == 4 and result.step == 10
     message = str(warned[0].message)
     assert "step-00000008" in message and f"{file}: " in message and cause in message, message
+    with open(run_dir / "events.jsonl", encoding="utf-8") as f:
+        [event] = [e for e in map(json.loads, f) if e["event"] == "checkpoint_rejected"]
+    assert event["step"] == 8 and cause in event["reason"]
 
 
 def test_a_checkpoint_that_does_not_list_a_layer_is_a_mismatch_not_damage(
